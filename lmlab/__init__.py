@@ -1,0 +1,76 @@
+"""lmlab: build, train, align and serve language models in one small PyTorch codebase.
+
+The public API (see shared/DESIGN.md): load_model, build, generate, stream, ModelConfig.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from lmlab.config import ModelConfig, preset
+from lmlab.errors import CheckpointError, ConfigError, LmlabError
+from lmlab.inference import SamplingParams, generate_ids, stream_ids
+from lmlab.interop.hf import load_model
+from lmlab.models import build
+
+__version__ = "0.1.0"
+__all__ = ["CheckpointError", "ConfigError", "LmlabError", "ModelConfig", "SamplingParams", "build", "generate",
+           "load_model", "preset", "stream"]
+
+
+def _params(model, tok, kw) -> SamplingParams:
+    stop = kw.pop("stop_token_ids", None)
+    if stop is None:  # default: the model's (and tokenizer's) end-of-sequence ids
+        stop = list(model.config.eos_ids)
+        eos = getattr(tok, "eos_token_id", None)
+        if eos is not None and eos not in stop:
+            stop.append(eos)
+    return SamplingParams(stop_token_ids=list(stop), **kw)
+
+
+def _as_id_lists(ids) -> tuple[list[list[int]], bool]:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    ids = list(ids)
+    if ids and isinstance(ids[0], (list, tuple)):
+        return [list(map(int, p)) for p in ids], True
+    return [list(map(int, ids))], False
+
+
+def generate(model, tok_or_ids, prompt: str | Sequence[str] | None = None, **kw):
+    """Generate from token ids or text.
+
+    generate(model, [1, 2, 3], max_new_tokens=16)         -> new ids (list[int]); a list of lists -> one per prompt
+    generate(model, tok, "Once upon", max_new_tokens=64)  -> the continuation text (a list of texts for a list)
+    Keyword arguments are those of SamplingParams (temperature=0 is greedy). Generation stops at the
+    model's / tokenizer's eos id unless stop_token_ids is given.
+    """
+    if prompt is None:
+        prompts, batched = _as_id_lists(tok_or_ids)
+        out = generate_ids(model, prompts, _params(model, None, kw))
+        return out if batched else out[0]
+    tok = tok_or_ids
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    out = generate_ids(model, [tok.encode(t) for t in texts], _params(model, tok, kw))
+    decoded = [tok.decode(ids, skip_special_tokens=True) for ids in out]
+    return decoded[0] if isinstance(prompt, str) else decoded
+
+
+def stream(model, tok_or_ids, prompt: str | None = None, **kw) -> Iterator:
+    """Like generate for one prompt, but yields each new token id (ids in) or text piece (text in) as it comes."""
+    if prompt is None:
+        prompts, _ = _as_id_lists(tok_or_ids)
+        if len(prompts) != 1:
+            raise ValueError("stream takes one prompt")
+        for step in stream_ids(model, prompts, _params(model, None, kw)):
+            yield step[0]
+        return
+    tok = tok_or_ids
+    ids, emitted = [], ""
+    for step in stream_ids(model, [tok.encode(prompt)], _params(model, tok, kw)):
+        ids.append(step[0])
+        text = tok.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
+            yield text[len(emitted):]
+            emitted = text

@@ -1,0 +1,136 @@
+"""Decoder-only Transformer: GPT-2, Llama, Mistral, Mixtral and Qwen2 from one config.
+
+GPT-2:   learned positions, LayerNorm, GELU(tanh) MLP, biases everywhere, tied head.
+Llama:   RoPE, RMSNorm, SwiGLU, grouped-query attention.   Mistral: + sliding window.
+Mixtral: Mistral with a sparse MoE in place of the MLP.     Qwen2:   Llama + bias on q/k/v.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lmlab.config import ModelConfig
+from lmlab.models.layers import MLP, Attention, KVCache, MoE, Rotary, load_balancing_loss, make_norm
+from lmlab.models.layers import attention_mask as build_mask
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.window = cfg.window(layer_idx)
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MoE(cfg) if cfg.num_local_experts else MLP(cfg)
+
+    def forward(self, x, rope, masks, cache):
+        x = x + self.attn(self.attn_norm(x), rope, masks[self.window], cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    family = "decoder"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position == "learned" else None
+        self.rotary = Rotary(cfg) if cfg.position == "rope" else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Normal(0, initializer_range) weights; residual output projections scaled by 1/sqrt(2 * layers)
+        (GPT-2), zero biases, unit norms."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                (p.fill_(1.0) if "norm" in name and name.endswith("weight") else p.zero_())
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
+                p.normal_(0, std / (2 * self.config.num_hidden_layers) ** 0.5)
+            else:
+                p.normal_(0, std)
+        self.tie_weights()
+
+    @property
+    def device(self):
+        return self.embed.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        """Final normalised hidden states (B, T, H). Arguments as in `forward`."""
+        B, T = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        key_mask = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            if cache is not None:  # remember padding for later decode steps
+                cache.key_mask[:, : attention_mask.shape[1]] = attention_mask
+                cache.has_padding = cache.has_padding or not bool(attention_mask.all())
+            elif not bool(attention_mask.all()):
+                key_mask = attention_mask
+        if cache is not None and cache.has_padding:
+            key_mask = cache.key_mask
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+        if cache is not None and offset + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {offset + T} needed")
+        x = self.embed(input_ids)  # (B, T, H)
+        if self.pos_embed is not None:
+            if int(position_ids.max()) >= self.config.max_position_embeddings:
+                raise ValueError(f"position {int(position_ids.max())} is beyond max_position_embeddings "
+                                 f"({self.config.max_position_embeddings}) of this learned-position model")
+            x = x + self.pos_embed(position_ids)
+        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        # one mask per distinct window size, shared by the layers that use it
+        S = offset + T
+        masks = {w: build_mask(T, S, offset, key_mask, w, x.device) for w in {b.window for b in self.layers}}
+        for block in self.layers:
+            x = block(x, rope, masks, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        """input_ids (B, T) -> logits (B, T, vocab).
+
+        attention_mask (B, S): 1 for real tokens, 0 for (left) padding, covering cached and new tokens.
+        position_ids (B, T): default counts real tokens (so a left-padded row matches its unpadded self).
+        cache: a KVCache; the new keys/values are appended to it and its length advances by T.
+        """
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+
+    def aux_loss(self) -> torch.Tensor:
+        """Mixtral's load-balancing loss over the router logits of the last forward (0 for dense models)."""
+        logits = [b.mlp.router_logits for b in self.layers if isinstance(b.mlp, MoE)]
+        if not logits:
+            return torch.zeros((), device=self.device)
+        return load_balancing_loss(logits, self.config.num_experts_per_tok)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def save_pretrained(self, out_dir, **kw):
+        from lmlab.interop.hf import save_pretrained
+        save_pretrained(self, out_dir, **kw)
+
+

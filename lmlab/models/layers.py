@@ -1,0 +1,295 @@
+"""Building blocks shared by every family: norms, RoPE (+ scaling), attention with a KV cache, MLPs, MoE.
+
+Shapes: B batch, T new tokens, S keys (cached + new), H hidden, nh/nkv query/key-value heads, hd head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.config import ModelConfig
+
+
+# ----------------------------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # low precision: normalise in fp32, cast back, then scale (the order transformers uses)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (hd/2,) and the cos/sin scale, for every RoPE scaling type transformers has.
+
+    `seq_len` matters only for dynamic NTK, which stretches the base once a sequence is longer than
+    max_position_embeddings (recomputed per forward, as transformers does).
+    """
+    dim, base = cfg.head_dim, cfg.rope_theta
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", "default")
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # (hd/2,)
+    if kind == "dynamic":
+        max_pos = cfg.max_position_embeddings
+        seq_len = max(seq_len or max_pos, max_pos)
+        factor = sc["factor"]
+        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** exponents)
+    if kind == "linear":
+        return inv_freq / sc["factor"], 1.0
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_len = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(cfg, sc, dim, base)
+    return inv_freq, 1.0
+
+
+def _yarn(cfg, sc, dim, base):
+    orig = sc.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    factor = sc.get("factor") or cfg.max_position_embeddings / orig
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn_factor = sc.get("attention_factor")
+    if attn_factor is None:
+        if sc.get("mscale") and sc.get("mscale_all_dim"):
+            attn_factor = mscale(factor, sc["mscale"]) / mscale(factor, sc["mscale_all_dim"])
+        else:
+            attn_factor = mscale(factor)
+    beta_fast, beta_slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+    def correction_dim(rotations):  # the dimension whose wavelength makes `rotations` turns in `orig` tokens
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolate = 1 - ramp  # 1: keep the original frequency (high-frequency dims), 0: interpolate
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, float(attn_factor)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for given positions, in the rotate-half layout of Hugging Face checkpoints."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dynamic = (cfg.rope_scaling or {}).get("rope_type") == "dynamic"
+        inv_freq, self.scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset(self):
+        """Recompute the frequencies (after the model was built on the meta device and materialised)."""
+        self.inv_freq = rope_inv_freq(self.cfg)[0].to(self.inv_freq.device)
+
+    def forward(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.dynamic:
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.cfg.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.cfg, seq_len)[0].to(inv_freq.device)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # (B, 1, T, hd): broadcast over heads
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, n_heads, T, hd). Rotate pairs (i, i + hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# -------------------------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Preallocated keys/values for every layer: (B, nkv, max_len, hd) each, written in place.
+
+    `length` is the number of positions filled so far (shared by the batch: prompts of different
+    lengths are left-padded and `key_mask` marks the padding). The model advances `length` after a
+    forward pass through all layers.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)  # False = padding
+        self.has_padding = False
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, nkv, T, hd) at the current length; return all keys/values so far (B, nkv, S, hd)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor):
+        """Keep/reorder batch rows (e.g. drop finished sequences)."""
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
+        self.key_mask = self.key_mask[index]
+
+
+# ------------------------------------------------------------------------------------------- attention
+def attention_mask(q_len: int, k_len: int, offset: int, key_mask: torch.Tensor | None,
+                   window: int | None, device) -> torch.Tensor | None:
+    """Boolean mask (B|1, 1, q_len, k_len), True = may attend; None when plain causal SDPA suffices.
+
+    Query i sits at cache index offset + i. Causal, optionally limited to the last `window` keys
+    (Mistral: key j is visible when q - window < j <= q), and padded keys hidden. A padded query
+    would see no key at all (SDPA returns NaN), so every query may always see itself.
+    """
+    if key_mask is None and (window is None or k_len <= window):
+        if q_len == k_len:
+            return None  # is_causal fast path
+        if q_len == 1:
+            return None  # one new token sees every cached key
+    q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    allowed = allowed[None, None]  # (1, 1, q, k)
+    if key_mask is not None:
+        allowed = (allowed & key_mask[:, None, None, :k_len]) | (k_pos == q_pos)
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(h, self.nh * self.hd, bias=b)
+        self.k_proj = nn.Linear(h, self.nkv * self.hd, bias=b)
+        self.v_proj = nn.Linear(h, self.nkv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.nh * self.hd, h, bias=cfg.attention_out_bias)
+        self.scale = self.hd ** -0.5 / ((layer_idx + 1) if cfg.scale_attn_by_inverse_layer_idx else 1)
+
+    def forward(self, x, rope, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        causal = mask is None and q.shape[2] == k.shape[2] and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                           enable_gqa=self.nkv != self.nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+# ------------------------------------------------------------------------------------------------ MLPs
+class MLP(nn.Module):
+    """gated: down(act(gate(x)) * up(x)) (SwiGLU); plain: down(act(up(x))) (GPT-2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gated = cfg.mlp == "gated"
+        if self.gated:
+            self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+        self.act = ACT[cfg.hidden_act]
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class MoE(nn.Module):
+    """Sparse Mixture of Experts (Mixtral): softmax router, top-k, weights renormalised over the k.
+
+    Experts are stacked tensors. Tokens are dispatched by sorting their (token, expert) assignments
+    by expert, so each expert that received tokens runs one matmul over a contiguous slice; experts
+    with no token cost nothing.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.top_k, self.num_experts = cfg.num_experts_per_tok, E
+        self.router = nn.Linear(h, E, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(E, i, h))  # per expert, nn.Linear layout (out, in)
+        self.w_up = nn.Parameter(torch.empty(E, i, h))
+        self.w_down = nn.Parameter(torch.empty(E, h, i))
+        self.act = ACT[cfg.hidden_act]
+        self.router_logits = None  # (N, E) from the last forward, for the load-balancing loss
+
+    def forward(self, x):
+        B, T, H = x.shape
+        x = x.reshape(-1, H)  # (N, H)
+        logits = self.router(x)  # (N, E)
+        self.router_logits = logits
+        probs = logits.float().softmax(dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        flat_expert = experts.reshape(-1)  # (N*k,)
+        order = flat_expert.argsort(stable=True)
+        token = order // self.top_k  # token index of each sorted assignment
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        xs = x[token]  # (N*k, H), grouped by expert
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            h = xs[start:start + n]
+            h = self.act(h @ self.w_gate[e].t()) * (h @ self.w_up[e].t())
+            outs.append(h @ self.w_down[e].t())
+            start += n
+        ys = torch.cat(outs) * weights.reshape(-1)[order, None]  # (N*k, H)
+        out = torch.zeros_like(x).index_add_(0, token, ys)
+        return out.view(B, T, H)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss, as transformers computes it: E * sum_e f_e * P_e, where f_e is
+    the fraction of top-k assignments that go to expert e and P_e its mean router probability."""
+    logits = torch.cat(router_logits).float()  # (layers * N, E)
+    E = logits.shape[-1]
+    probs = logits.softmax(dim=-1)
+    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, E).float()  # (M, k, E)
+    tokens_per_expert = chosen.mean(dim=0)  # (k, E)
+    return E * (tokens_per_expert * probs.mean(dim=0)).sum()
