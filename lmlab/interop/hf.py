@@ -399,8 +399,9 @@ def save_pretrained(model, out_dir, dtype=None, max_shard_bytes: int = 5 * 2**30
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.dtype
+    config = config_to_hf(model.config, dtype)  # first: refuses configs transformers cannot express
+    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu", dtype) for k, v in hf_state_dict(model).items()}
     shards, current, size = [], {}, 0
     for k, v in tensors.items():
@@ -424,7 +425,7 @@ def save_pretrained(model, out_dir, dtype=None, max_shard_bytes: int = 5 * 2**30
                  "weight_map": weight_map}
         _write_json(out / "model.safetensors.index.json", index)
     cfg = model.config
-    _write_json(out / "config.json", config_to_hf(cfg, dtype))
+    _write_json(out / "config.json", config)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     if cfg.pad_token_id is not None:
         gen["pad_token_id"] = cfg.pad_token_id

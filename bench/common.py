@@ -1,0 +1,129 @@
+"""Shared helpers for the benchmark scripts: machine ceilings, the model pair, tables and result files.
+
+The scripts run as `python bench/<name>.py` from the repository root, so this module is imported as
+`common` (the script's own directory is first on sys.path).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+DOC_HEADER = ("# Benchmarks\n\nNumbers come from `make bench` on the machine named in each table; ratios are "
+              "lmlab / peer (transformers) measured in the same run.\n")
+
+
+def setup(threads: int, seed: int = 0):
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def best_time(fn, reps: int) -> float:
+    """Best wall time of `reps` calls of fn() (seconds), after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def matmul_peak_gflops(dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-reps GFLOP/s of an n x n x n matmul (2 n^3 flops)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / best_time(lambda: a @ b, reps) / 1e9
+
+
+def copy_bandwidth_gbs(mbytes: int = 256, reps: int = 5) -> float:
+    """Memory bandwidth of dst.copy_(src) on an fp32 tensor of `mbytes` MB, counted as bytes read +
+    bytes written per second (2 x size per copy), in GB/s (1e9 bytes)."""
+    numel = mbytes * 2**20 // 4
+    src, dst = torch.randn(numel), torch.empty(numel)
+    return 2 * numel * 4 / best_time(lambda: dst.copy_(src), reps) / 1e9
+
+
+def model_pair(preset: str = "llama-50m"):
+    """The same random weights as an lmlab model and as a transformers model (fp32, SDPA attention),
+    handed over through lmlab's save_pretrained and transformers' from_pretrained."""
+    import lmlab
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    model = lmlab.build(lmlab.preset(preset))
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        hf = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+    return model, hf
+
+
+def weight_counts(model) -> dict:
+    """Parameter counts of an lmlab model: all, and all but the input embedding table (the head and
+    every matrix a token's forward pass multiplies with)."""
+    total = model.num_params()
+    return {"params": total, "params_no_embed": total - model.embed.weight.numel()}
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:,.3g}" if isinstance(v, float) and abs(v) < 100 else f"{v:,.0f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_line(info: dict) -> str:
+    return (f"Machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
+            f"transformers {info['transformers']}, {info['date']}.")
+
+
+def write_section(name: str, body: str, path: Path = DOC):
+    """Replace (or append) the section of docs/benchmarks.md between <!-- bench:name --> and
+    <!-- /bench:name -->, leaving the rest of the file as it is."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else DOC_HEADER
+    i, j = text.find(start), text.find(end)
+    if i >= 0 and j > i:
+        text = text[:i] + block + text[j + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def save_json(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out

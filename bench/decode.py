@@ -1,0 +1,138 @@
+"""Greedy decode throughput: lmlab.generate vs transformers' generate on the same weights, in one process.
+
+Batch 1 (default): one 16-token prompt, 128 new tokens. --batch B: B prompts of 9..16 tokens
+(left-padded into one batch for transformers), aggregate new tokens per second. The time of a
+generate call includes its prefill. Each side runs once untimed, then --repeats times; the best
+time counts.
+
+The bound: decoding reads every weight once per step (all parameters but the input embedding table;
+KV cache and activations are ignored), so a step takes at least weight bytes / memory bandwidth.
+Bandwidth is measured with dst.copy_(src) on a 256 MB fp32 tensor and counted as bytes read + bytes
+written per second.
+
+    python bench/decode.py              # batch 1
+    python bench/decode.py --batch 16   # batched decode
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import lmlab  # noqa: E402
+
+
+def make_prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    """`batch` random prompts; at batch > 1 their lengths cycle through length-7 .. length."""
+    g = torch.Generator().manual_seed(1234)
+    lengths = [length] if batch == 1 else [length - (i % 8) for i in range(batch)]
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0):
+    L = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def timed(fn, repeats: int):
+    """One untimed call, then the best of `repeats` timed calls -> (seconds, output of the last call)."""
+    out, best = fn(), float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama-50m", help="lmlab model preset (default: llama-50m)")
+    ap.add_argument("--batch", type=int, default=1, help="number of prompts decoded together (default: 1)")
+    ap.add_argument("--prompt-len", type=int, default=16, help="prompt length (the longest, at batch > 1; default: 16)")
+    ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt (default: 128)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per side, best counts (default: 3)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    args = ap.parse_args()
+    if args.prompt_len < 8 and args.batch > 1:
+        ap.error("--prompt-len must be at least 8 with --batch > 1")
+
+    common.setup(args.threads)
+    info = common.machine_info()
+    bandwidth = common.copy_bandwidth_gbs()
+    model, hf = common.model_pair(args.preset)
+    model.eval()
+    hf.eval()
+    counts = common.weight_counts(model)
+    weight_bytes = counts["params_no_embed"] * model.embed.weight.element_size()
+    bound_step_s = weight_bytes / (bandwidth * 1e9)
+
+    prompts = make_prompts(args.batch, args.prompt_len, model.config.vocab_size)
+    ids, mask = left_pad(prompts)
+    N = args.new_tokens
+
+    def run_lmlab():
+        out = lmlab.generate(model, prompts if args.batch > 1 else prompts[0], max_new_tokens=N, stop_token_ids=[])
+        return out if args.batch > 1 else [out]
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=N,
+                              min_new_tokens=N, eos_token_id=None, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+
+    t_lm, out_lm = timed(run_lmlab, args.repeats)
+    t_hf, out_hf = timed(run_hf, args.repeats)
+
+    bad_rows = [i for i, (a, b) in enumerate(zip(out_lm, out_hf)) if a != b]
+    first_diff = {i: next((j for j, (x, y) in enumerate(zip(out_lm[i], out_hf[i])) if x != y),
+                          min(len(out_lm[i]), len(out_hf[i]))) for i in bad_rows}
+    match = not bad_rows and len(out_lm) == len(out_hf)
+    tokens = args.batch * N
+    tps = {"lmlab": tokens / t_lm, "transformers": tokens / t_hf}
+    bound_tps = args.batch / bound_step_s  # new tokens/s at the bound (one weight read per step)
+    ratio = tps["lmlab"] / tps["transformers"]
+
+    rows = [[f"tokens/s (batch {args.batch}, {N} new)", tps["lmlab"], tps["transformers"], f"{ratio:.2f}"],
+            ["ms per step", t_lm / N * 1e3, t_hf / N * 1e3, ""],
+            ["share of the bandwidth bound", f"{tps['lmlab'] / bound_tps:.0%}", f"{tps['transformers'] / bound_tps:.0%}", ""]]
+    table = common.md_table(["metric", "lmlab", "transformers", "lmlab / transformers"], rows)
+    match_line = ("Same token ids from both: yes." if match else
+                  f"Same token ids from both: NO, {len(bad_rows)} of {args.batch} rows differ "
+                  f"(first differing step per row: {first_diff}).")
+    name = "decode" + ("" if args.preset == "llama-50m" else f"_{args.preset}") + \
+        ("" if args.batch == 1 else f"_b{args.batch}")
+    body = "\n\n".join([
+        f"## Greedy decode: `{args.preset}`, fp32, batch {args.batch}",
+        f"`{' '.join(['python bench/decode.py', *sys.argv[1:]])}`: prompt length "
+        f"{'%d' % args.prompt_len if args.batch == 1 else f'{args.prompt_len - 7}..{args.prompt_len}'}, "
+        f"{N} new tokens, time of the whole generate call (prefill included), best of {args.repeats} after a "
+        f"warmup call. Bound: {weight_bytes / 1e6:.0f} MB of weights read per step (all but the input "
+        f"embedding) at {bandwidth:.1f} GB/s copy bandwidth (bytes read + written per second, 256 MB fp32 "
+        f"copy) = {bound_step_s * 1e3:.2f} ms/step, {bound_tps:,.0f} tokens/s. {match_line}",
+        table, common.machine_line(info)])
+    print(body)
+
+    result = {"name": name, "args": vars(args), "machine": info, **counts, "weight_bytes_per_step": weight_bytes,
+              "copy_bandwidth_gbs_read_plus_write": bandwidth, "bound_tokens_per_s": bound_tps,
+              "seconds": {"lmlab": t_lm, "transformers": t_hf}, "tokens_per_s": tps,
+              "ratio_lmlab_over_transformers": ratio, "tokens_match": match, "mismatched_rows": bad_rows,
+              "first_diff_step": first_diff}
+    print(f"\nwrote {common.save_json(name, result)}")
+    if not args.no_docs:
+        common.write_section(name, body)
+        print(f"updated {common.DOC}")
+
+
+if __name__ == "__main__":
+    main()
