@@ -80,6 +80,7 @@ def model_pair(preset: str = "llama-50m"):
 
     hf_logging.disable_progress_bar()
 
+    torch.manual_seed(0)  # the same weights whatever ran before
     model = lmlab.build(lmlab.preset(preset))
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)

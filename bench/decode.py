@@ -81,8 +81,9 @@ def main():
     ids, mask = left_pad(prompts)
     N = args.new_tokens
 
-    def run_lmlab():
-        out = lmlab.generate(model, prompts if args.batch > 1 else prompts[0], max_new_tokens=N, stop_token_ids=[])
+    def run_lmlab(compile=False):
+        out = lmlab.generate(model, prompts if args.batch > 1 else prompts[0], max_new_tokens=N, stop_token_ids=[],
+                             compile=compile)
         return out if args.batch > 1 else [out]
 
     def run_hf():
@@ -92,21 +93,29 @@ def main():
         return out[:, ids.shape[1]:].tolist()
 
     t_lm, out_lm = timed(run_lmlab, args.repeats)
+    t0 = time.perf_counter()
+    run_lmlab(compile=True)  # the first call compiles the decode step
+    t_compile = time.perf_counter() - t0
+    t_lmc, out_lmc = timed(lambda: run_lmlab(compile=True), args.repeats)
     t_hf, out_hf = timed(run_hf, args.repeats)
 
     bad_rows = [i for i, (a, b) in enumerate(zip(out_lm, out_hf)) if a != b]
     first_diff = {i: next((j for j, (x, y) in enumerate(zip(out_lm[i], out_hf[i])) if x != y),
                           min(len(out_lm[i]), len(out_hf[i]))) for i in bad_rows}
-    match = not bad_rows and len(out_lm) == len(out_hf)
+    match = not bad_rows and len(out_lm) == len(out_hf) and out_lmc == out_lm
     tokens = args.batch * N
-    tps = {"lmlab": tokens / t_lm, "transformers": tokens / t_hf}
+    tps = {"lmlab": tokens / t_lm, "lmlab_compiled": tokens / t_lmc, "transformers": tokens / t_hf}
     bound_tps = args.batch / bound_step_s  # new tokens/s at the bound (one weight read per step)
     ratio = tps["lmlab"] / tps["transformers"]
+    ratio_c = tps["lmlab_compiled"] / tps["transformers"]
 
-    rows = [[f"tokens/s (batch {args.batch}, {N} new)", tps["lmlab"], tps["transformers"], f"{ratio:.2f}"],
-            ["ms per step", t_lm / N * 1e3, t_hf / N * 1e3, ""],
-            ["share of the bandwidth bound", f"{tps['lmlab'] / bound_tps:.0%}", f"{tps['transformers'] / bound_tps:.0%}", ""]]
-    table = common.md_table(["metric", "lmlab", "transformers", "lmlab / transformers"], rows)
+    rows = [[f"tokens/s (batch {args.batch}, {N} new)", tps["lmlab"], tps["lmlab_compiled"], tps["transformers"],
+             f"{ratio:.2f}", f"{ratio_c:.2f}"],
+            ["ms per step", t_lm / N * 1e3, t_lmc / N * 1e3, t_hf / N * 1e3, "", ""],
+            ["share of the bandwidth bound", *(f"{tps[k] / bound_tps:.0%}" for k in ("lmlab", "lmlab_compiled",
+                                                                                   "transformers")), "", ""]]
+    table = common.md_table(["metric", "lmlab", "lmlab compile=True", "transformers", "lmlab / transformers",
+                             "compiled / transformers"], rows)
     match_line = ("Same token ids from both: yes." if match else
                   f"Same token ids from both: NO, {len(bad_rows)} of {args.batch} rows differ "
                   f"(first differing step per row: {first_diff}).")
@@ -119,14 +128,15 @@ def main():
         f"{N} new tokens, time of the whole generate call (prefill included), best of {args.repeats} after a "
         f"warmup call. Bound: {weight_bytes / 1e6:.0f} MB of weights read per step (all but the input "
         f"embedding) at {bandwidth:.1f} GB/s copy bandwidth (bytes read + written per second, 256 MB fp32 "
-        f"copy) = {bound_step_s * 1e3:.2f} ms/step, {bound_tps:,.0f} tokens/s. {match_line}",
+        f"copy) = {bound_step_s * 1e3:.2f} ms/step, {bound_tps:,.0f} tokens/s. `compile=True` compiles the "
+        f"decode step once ({t_compile:.0f} s in this run, included in no timing). {match_line}",
         table, common.machine_line(info)])
     print(body)
 
     result = {"name": name, "args": vars(args), "machine": info, **counts, "weight_bytes_per_step": weight_bytes,
               "copy_bandwidth_gbs_read_plus_write": bandwidth, "bound_tokens_per_s": bound_tps,
-              "seconds": {"lmlab": t_lm, "transformers": t_hf}, "tokens_per_s": tps,
-              "ratio_lmlab_over_transformers": ratio, "tokens_match": match, "mismatched_rows": bad_rows,
+              "seconds": {"lmlab": t_lm, "lmlab_compiled": t_lmc, "transformers": t_hf, "compile": t_compile},
+              "tokens_per_s": tps, "ratio_lmlab_over_transformers": ratio, "ratio_compiled_over_transformers": ratio_c, "tokens_match": match, "mismatched_rows": bad_rows,
               "first_diff_step": first_diff}
     print(f"\nwrote {common.save_json(name, result)}")
     if not args.no_docs:

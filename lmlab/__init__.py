@@ -44,31 +44,34 @@ def generate(model, tok_or_ids, prompt: str | Sequence[str] | None = None, **kw)
     generate(model, [1, 2, 3], max_new_tokens=16)         -> new ids (list[int]); a list of lists -> one per prompt
     generate(model, tok, "Once upon", max_new_tokens=64)  -> the continuation text (a list of texts for a list)
     Keyword arguments are those of SamplingParams (temperature=0 is greedy). Generation stops at the
-    model's / tokenizer's eos id unless stop_token_ids is given.
+    model's / tokenizer's eos id unless stop_token_ids is given. compile=True compiles the decode
+    step (CPU: ~2x faster batch-1 decoding after a one-time compilation of ~20-60 s).
     """
+    compile = kw.pop("compile", False)
     if prompt is None:
         prompts, batched = _as_id_lists(tok_or_ids)
-        out = generate_ids(model, prompts, _params(model, None, kw))
+        out = generate_ids(model, prompts, _params(model, None, kw), compile)
         return out if batched else out[0]
     tok = tok_or_ids
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
-    out = generate_ids(model, [tok.encode(t) for t in texts], _params(model, tok, kw))
+    out = generate_ids(model, [tok.encode(t) for t in texts], _params(model, tok, kw), compile)
     decoded = [tok.decode(ids, skip_special_tokens=True) for ids in out]
     return decoded[0] if isinstance(prompt, str) else decoded
 
 
 def stream(model, tok_or_ids, prompt: str | None = None, **kw) -> Iterator:
     """Like generate for one prompt, but yields each new token id (ids in) or text piece (text in) as it comes."""
+    compile = kw.pop("compile", False)
     if prompt is None:
         prompts, _ = _as_id_lists(tok_or_ids)
         if len(prompts) != 1:
             raise ValueError("stream takes one prompt")
-        for step in stream_ids(model, prompts, _params(model, None, kw)):
+        for step in stream_ids(model, prompts, _params(model, None, kw), compile):
             yield step[0]
         return
     tok = tok_or_ids
     ids, emitted = [], ""
-    for step in stream_ids(model, [tok.encode(prompt)], _params(model, tok, kw)):
+    for step in stream_ids(model, [tok.encode(prompt)], _params(model, tok, kw), compile):
         ids.append(step[0])
         text = tok.decode(ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences

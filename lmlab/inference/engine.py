@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from lmlab.inference.kernels import decode_kernels
 from lmlab.inference.sampling import SamplingParams, sample
 
 
@@ -43,13 +44,21 @@ def pad_left(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return ids, mask
 
 
-@torch.inference_mode()
-def stream_ids(model, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[int | None]]:
+def stream_ids(model, prompts: list[list[int]], params: SamplingParams,
+               compile: bool = False) -> Iterator[list[int | None]]:
     """Yield, at each step, the new token of every row (None for rows that already stopped).
 
     A row stops after emitting one of `params.stop_token_ids` (the stop token is emitted) or after
     max_new_tokens. Rows keep their own positions, so a left-padded row decodes as it would alone.
+    compile=True runs decode steps as one compiled graph (see inference/kernels.py): ~2x faster
+    at batch 1 on CPU, after a one-time compilation.
     """
+    with decode_kernels(model, enabled=compile):
+        yield from _stream(model, prompts, params)
+
+
+@torch.inference_mode()  # as a decorator it wraps each step of the generator, not the caller's code
+def _stream(model, prompts, params):
     cfg = model.config
     vocab = cfg.vocab_size
     for p in prompts:
@@ -74,7 +83,7 @@ def stream_ids(model, prompts: list[list[int]], params: SamplingParams) -> Itera
         context = torch.full((B, total), -1, dtype=torch.long, device=device)
         context[:, :L] = torch.where(mask.bool(), ids, -1)
     stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
-    cache = model.new_cache(B, total)
+    cache = model.new_cache(B, -(-total // 128) * 128)  # a few distinct sizes: few compiled shapes
     h = model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, H)
     pos = mask.sum(dim=1, keepdim=True)  # (B, 1): position of each row's next token
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -92,10 +101,10 @@ def stream_ids(model, prompts: list[list[int]], params: SamplingParams) -> Itera
         pos = pos + 1
 
 
-def generate_ids(model, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+def generate_ids(model, prompts: list[list[int]], params: SamplingParams, compile: bool = False) -> list[list[int]]:
     """New token ids for each prompt (each list ends at its stop token, which is included)."""
     outs: list[list[int]] = [[] for _ in prompts]
-    for step in stream_ids(model, prompts, params):
+    for step in stream_ids(model, prompts, params, compile):
         for row, t in zip(outs, step):
             if t is not None:
                 row.append(t)

@@ -42,6 +42,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.compiled_step = None  # set by lmlab.inference.kernels: a compiled run_layers for decode steps
         self.reset_parameters()
 
     def tie_weights(self):
@@ -99,12 +100,21 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(position_ids)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         # one mask per distinct window size, shared by the layers that use it
-        S = offset + T
-        masks = {w: build_mask(T, S, offset, key_mask, w, x.device) for w in {b.window for b in self.layers}}
+        k_len = cache.max_len if cache is not None else T
+        masks = {w: build_mask(T, k_len, offset, key_mask, w, x.device, cached=cache is not None)
+                 for w in {b.window for b in self.layers}}
+        if cache is None:
+            return self.run_layers(x, rope, masks, None)
+        cache.index = torch.arange(offset, offset + T, device=x.device)
+        step = self.compiled_step if T == 1 and self.compiled_step is not None else self.run_layers
+        x = step(x, rope, masks, cache)
+        cache.length += T
+        return x
+
+    def run_layers(self, x, rope, masks, cache):
+        """The blocks and the final norm: (B, T, H) -> (B, T, H)."""
         for block in self.layers:
             x = block(x, rope, masks, cache)
-        if cache is not None:
-            cache.length += T
         return self.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):

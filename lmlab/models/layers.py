@@ -138,9 +138,11 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Preallocated keys/values for every layer: (B, nkv, max_len, hd) each, written in place.
 
-    `length` is the number of positions filled so far (shared by the batch: prompts of different
-    lengths are left-padded and `key_mask` marks the padding). The model advances `length` after a
-    forward pass through all layers.
+    Shapes never change while decoding: attention always reads all max_len slots, and the causal
+    mask hides the slots not written yet, so a decode step can be compiled once. `length` counts
+    the positions filled so far (shared by the batch: prompts of different lengths are left-padded
+    and `key_mask` marks the padding); the model sets `index` (the slots being written) before its
+    layers run and advances `length` after.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -151,13 +153,13 @@ class KVCache:
         self.has_padding = False
         self.length = 0
         self.max_len = max_len
+        self.index = None  # (T,) slots written by the current forward
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, nkv, T, hd) at the current length; return all keys/values so far (B, nkv, S, hd)."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Write k, v (B, nkv, T, hd) at `index`; return the whole cache (B, nkv, max_len, hd)."""
+        self.k[layer].index_copy_(2, self.index, k)
+        self.v[layer].index_copy_(2, self.index, v)
+        return self.k[layer], self.v[layer]
 
     def reorder(self, index: torch.Tensor):
         """Keep/reorder batch rows (e.g. drop finished sequences)."""
@@ -168,18 +170,16 @@ class KVCache:
 
 # ------------------------------------------------------------------------------------------- attention
 def attention_mask(q_len: int, k_len: int, offset: int, key_mask: torch.Tensor | None,
-                   window: int | None, device) -> torch.Tensor | None:
+                   window: int | None, device, cached: bool = False) -> torch.Tensor | None:
     """Boolean mask (B|1, 1, q_len, k_len), True = may attend; None when plain causal SDPA suffices.
 
-    Query i sits at cache index offset + i. Causal, optionally limited to the last `window` keys
-    (Mistral: key j is visible when q - window < j <= q), and padded keys hidden. A padded query
-    would see no key at all (SDPA returns NaN), so every query may always see itself.
+    Query i sits at key index offset + i. Causal (which also hides cache slots not written yet),
+    optionally limited to the last `window` keys (Mistral: key j is visible when q - window < j <= q),
+    and padded keys hidden. A padded query would see no key at all (SDPA returns NaN), so every
+    query may always see itself.
     """
-    if key_mask is None and (window is None or k_len <= window):
-        if q_len == k_len:
-            return None  # is_causal fast path
-        if q_len == 1:
-            return None  # one new token sees every cached key
+    if not cached and key_mask is None and (window is None or k_len <= window):
+        return None  # is_causal fast path
     q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
     allowed = k_pos <= q_pos
@@ -212,9 +212,8 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        causal = mask is None and q.shape[2] == k.shape[2] and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, max_len, hd), masked by `mask`
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
                                            enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
