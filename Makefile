@@ -20,7 +20,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/train_step.py --dtype bfloat16
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/decode.py --batch 16
 
 clean:
 	rm -rf $(VENV) build *.egg-info

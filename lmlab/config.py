@@ -128,20 +128,6 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    def num_params(self, embeddings: bool = True) -> int:
-        """Parameter count from the shapes alone (no model is built)."""
-        h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * hd * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
-        mlp = (3 if self.mlp == "gated" else 2) * h * i * max(1, self.num_local_experts)
-        mlp += h * self.num_local_experts  # router
-        per_layer = attn + mlp + 2 * h
-        n = self.num_hidden_layers * per_layer + h
-        if embeddings:
-            n += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-            if self.position == "learned":
-                n += self.max_position_embeddings * h
-        return n
-
 
 def _gpt2(**kw) -> ModelConfig:
     base = dict(model_type="gpt2", norm="layernorm", mlp="plain", hidden_act="gelu_tanh", position="learned",

@@ -99,15 +99,17 @@ class Decoder(nn.Module):
                                  f"({self.config.max_position_embeddings}) of this learned-position model")
             x = x + self.pos_embed(position_ids)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
-        # one mask per distinct window size, shared by the layers that use it
-        k_len = cache.max_len if cache is not None else T
-        masks = {w: build_mask(T, k_len, offset, key_mask, w, x.device, cached=cache is not None)
-                 for w in {b.window for b in self.layers}}
         if cache is None:
+            masks = {w: build_mask(T, T, 0, key_mask, w, x.device) for w in {b.window for b in self.layers}}
             return self.run_layers(x, rope, masks, None)
+        # a compiled decode step reads the whole cache (static shapes); eager calls the filled part
+        static = T == 1 and self.compiled_step is not None
         cache.index = torch.arange(offset, offset + T, device=x.device)
-        step = self.compiled_step if T == 1 and self.compiled_step is not None else self.run_layers
-        x = step(x, rope, masks, cache)
+        cache.visible = cache.max_len if static else offset + T
+        # one mask per distinct window size, shared by the layers that use it
+        masks = {w: build_mask(T, cache.visible, offset, key_mask, w, x.device, static=static)
+                 for w in {b.window for b in self.layers}}
+        x = (self.compiled_step if static else self.run_layers)(x, rope, masks, cache)
         cache.length += T
         return x
 

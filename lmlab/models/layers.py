@@ -138,11 +138,11 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Preallocated keys/values for every layer: (B, nkv, max_len, hd) each, written in place.
 
-    Shapes never change while decoding: attention always reads all max_len slots, and the causal
-    mask hides the slots not written yet, so a decode step can be compiled once. `length` counts
-    the positions filled so far (shared by the batch: prompts of different lengths are left-padded
-    and `key_mask` marks the padding); the model sets `index` (the slots being written) before its
-    layers run and advances `length` after.
+    `length` counts the positions filled so far (shared by the batch: prompts of different lengths
+    are left-padded and `key_mask` marks the padding). Before its layers run, the model sets `index`
+    (the slots being written) and `visible` (how many slots attention reads); it advances `length`
+    after. Eager calls read only the filled slots; a compiled decode step reads all max_len slots
+    (the causal mask hides those not written yet), so its shapes never change and it compiles once.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -154,23 +154,18 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self.index = None  # (T,) slots written by the current forward
+        self.visible = 0  # slots attention reads in the current forward
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, nkv, T, hd) at `index`; return the whole cache (B, nkv, max_len, hd)."""
+        """Write k, v (B, nkv, T, hd) at `index`; return the visible keys/values (B, nkv, visible, hd)."""
         self.k[layer].index_copy_(2, self.index, k)
         self.v[layer].index_copy_(2, self.index, v)
-        return self.k[layer], self.v[layer]
-
-    def reorder(self, index: torch.Tensor):
-        """Keep/reorder batch rows (e.g. drop finished sequences)."""
-        self.k = [k[index] for k in self.k]
-        self.v = [v[index] for v in self.v]
-        self.key_mask = self.key_mask[index]
+        return self.k[layer][:, :, : self.visible], self.v[layer][:, :, : self.visible]
 
 
 # ------------------------------------------------------------------------------------------- attention
 def attention_mask(q_len: int, k_len: int, offset: int, key_mask: torch.Tensor | None,
-                   window: int | None, device, cached: bool = False) -> torch.Tensor | None:
+                   window: int | None, device, static: bool = False) -> torch.Tensor | None:
     """Boolean mask (B|1, 1, q_len, k_len), True = may attend; None when plain causal SDPA suffices.
 
     Query i sits at key index offset + i. Causal (which also hides cache slots not written yet),
@@ -178,8 +173,11 @@ def attention_mask(q_len: int, k_len: int, offset: int, key_mask: torch.Tensor |
     and padded keys hidden. A padded query would see no key at all (SDPA returns NaN), so every
     query may always see itself.
     """
-    if not cached and key_mask is None and (window is None or k_len <= window):
-        return None  # is_causal fast path
+    if key_mask is None and (window is None or k_len <= window):
+        if q_len == k_len:
+            return None  # is_causal fast path
+        if q_len == 1 and not static:  # (a static cache also holds slots not written yet)
+            return None  # one new token that sees every key
     q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
     allowed = k_pos <= q_pos
@@ -212,7 +210,7 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, max_len, hd), masked by `mask`
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, visible, hd), masked by `mask`
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
                                            enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
