@@ -13,10 +13,11 @@ from lmlab.errors import CheckpointError, ConfigError, LmlabError
 from lmlab.inference import SamplingParams, generate_ids, stream_ids
 from lmlab.interop.hf import load_model
 from lmlab.models import build
+from lmlab.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ConfigError", "LmlabError", "ModelConfig", "SamplingParams", "build", "generate",
-           "load_model", "preset", "stream"]
+__all__ = ["CheckpointError", "ConfigError", "LmlabError", "ModelConfig", "SamplingParams", "Tokenizer", "build",
+           "generate", "load_model", "load_tokenizer", "preset", "stream"]
 
 
 def _params(model, tok, kw) -> SamplingParams:
