@@ -60,10 +60,13 @@ def generate(model, tok_or_ids, prompt: str | Sequence[str] | None = None, **kw)
     return decoded[0] if isinstance(prompt, str) else decoded
 
 
-def stream(model, tok_or_ids, prompt: str | None = None, **kw) -> Iterator:
-    """Like generate for one prompt, but yields each new token id (ids in) or text piece (text in) as it comes."""
+def stream(model, tok_or_ids, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> Iterator:
+    """Like generate for one prompt, but yields each new token id (ids in) or text piece (text in) as it
+    comes. With messages=[{"role": ..., "content": ...}], the tokenizer's chat template (lmlab's default
+    if it has none) renders the conversation and generation stops at eos or the end-of-turn token.
+    Text pieces never split a multi-byte character."""
     compile = kw.pop("compile", False)
-    if prompt is None:
+    if prompt is None and messages is None:
         prompts, _ = _as_id_lists(tok_or_ids)
         if len(prompts) != 1:
             raise ValueError("stream takes one prompt")
@@ -71,10 +74,17 @@ def stream(model, tok_or_ids, prompt: str | None = None, **kw) -> Iterator:
             yield step[0]
         return
     tok = tok_or_ids
-    ids, emitted = [], ""
-    for step in stream_ids(model, [tok.encode(prompt)], _params(model, tok, kw), compile):
-        ids.append(step[0])
-        text = tok.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
+    if messages is not None:
+        from lmlab.chat import encode_chat, stop_token_ids
+        ids = encode_chat(tok, messages, add_generation_prompt=True)[0]
+        kw.setdefault("stop_token_ids", sorted(set(stop_token_ids(tok)) | set(model.config.eos_ids)))
+    else:
+        ids = tok.encode(prompt)
+    new, emitted = [], ""
+    for step in stream_ids(model, [ids], _params(model, tok, kw), compile):
+        new.append(step[0])
+        text = tok.decode(new, skip_special_tokens=True)
+        # hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until its last byte arrives
+        if not text.endswith("\ufffd") and text.startswith(emitted) and len(text) > len(emitted):
             yield text[len(emitted):]
             emitted = text

@@ -12,7 +12,8 @@ import re
 from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jinja2
 from jinja2 import nodes
@@ -31,21 +32,13 @@ class ChatTemplateError(LmlabError, ValueError):
 # The newline after <|im_end|> stays outside: the next header, not the model, owns it. BOS only if one exists.
 DEFAULT_TEMPLATE = (
     "{% if bos_token is defined and bos_token %}{{ bos_token }}{% endif %}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
-    "{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-# The special tokens a tokenizer trained by lmlab carries (HF special_tokens_map names). The chat tokens
-# must be single tokens, or the model cannot emit <|im_end|> as one stop token.
-DEFAULT_SPECIAL_TOKENS = {
-    "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-    "additional_special_tokens": ("<|im_start|>", "<|im_end|>"),
-}
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# The special tokens DEFAULT_TEMPLATE writes, which a tokenizer trained by lmlab must hold as single tokens
+# (else the model cannot emit <|im_end|> as one stop token). BOS/EOS are the tokenizer's own, whatever they are.
+DEFAULT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 # End-of-turn tokens of well-known template families, used by stop_token_ids() beside detection.
 KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eot|>", "<|END_OF_TURN_TOKEN|>")
 
@@ -80,7 +73,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
 
-def _raise_exception(message):
+def _raise_exception(message):  # templates call raise_exception('...') to reject a conversation
     raise jinja2.exceptions.TemplateError(message)
 
 
@@ -89,29 +82,26 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _check_name(name):
-    if str(name).startswith("_"):  # underscore names could shadow the internals the sandbox relies on
-        raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} may not start with '_'")
+def _no_underscore(names):  # underscore names could shadow the internals the sandbox relies on
+    if any(str(n).startswith("_") for n in names):
+        raise jinja2.exceptions.SecurityError(f"namespace attributes may not start with '_': {list(names)}")
 
 
 class _Namespace(jinja2.utils.Namespace):
-    def __setitem__(self, name, value):  # `{% set ns.x = ... %}`
-        _check_name(name)
+    def __init__(*args, **kwargs):  # Jinja's own signature, so that namespace(self=...) still works
+        _no_underscore(dict(*args[1:], **kwargs))
+        jinja2.utils.Namespace.__init__(*args, **kwargs)
+
+    def __setitem__(self, name, value):  # {% set ns.x = ... %}
+        _no_underscore([name])
         super().__setitem__(name, value)
-
-
-def _namespace(*args, **kwargs):
-    attrs = dict(*args, **kwargs)
-    for name in attrs:
-        _check_name(name)
-    return _Namespace(attrs)
 
 
 @lru_cache(maxsize=64)
 def _compile(template: str) -> jinja2.Template:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, namespace=_namespace,
+    env.globals.update(raise_exception=_raise_exception, namespace=_Namespace,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt),
                        dict=lambda *a, **k: dict(*a, **k))  # a function, not the dict type to climb from
     try:
@@ -160,8 +150,7 @@ def _render(template, messages, add_generation_prompt, special, track):
     # A missing special token is left undefined (not None), so `bos_token is defined` tells the truth.
     ctx.update({k: _plain(v, k) for k, v in special.items() if v is not None or k not in _SPECIAL_NAMES})
     ctx.update(messages=_check_messages(messages), add_generation_prompt=bool(add_generation_prompt))
-    compiled = _compile(template)
-    token = _TRACKING.set(track)
+    compiled, token = _compile(template), _TRACKING.set(track)
     try:
         return compiled.render(**ctx)
     except jinja2.exceptions.SecurityError as e:
@@ -182,8 +171,7 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Fa
 def _render_tracked(template, messages, add_generation_prompt, special) -> tuple[str, list[tuple[int, int]]]:
     """Render and return the character spans produced by {% generation %} blocks."""
     rendered = _render(template, messages, add_generation_prompt, special, track=True)
-    text, spans, start = [], [], None
-    pos = 0
+    text, spans, start, pos = [], [], None, 0
     for piece in re.split(f"([{_OPEN}{_CLOSE}])", rendered):
         if piece == _OPEN and start is None:
             start = pos
@@ -198,7 +186,7 @@ def _render_tracked(template, messages, add_generation_prompt, special) -> tuple
     return "".join(text), spans
 
 
-def _spans_by_prefix(template, messages, add_generation_prompt, special, full) -> list[tuple[int, int]]:
+def _spans_by_prefix(template, messages, special, full) -> list[tuple[int, int]]:
     """Assistant spans for templates without {% generation %}: the text that rendering message i adds
     after the generation prompt. Exact, provided earlier turns render the same whatever follows them."""
     spans = []
@@ -222,7 +210,7 @@ def _spans_by_prefix(template, messages, add_generation_prompt, special, full) -
 def _pick_template(tok, template):
     template = template or getattr(tok, "chat_template", None) or DEFAULT_TEMPLATE
     if template == DEFAULT_TEMPLATE:
-        missing = [t for t in DEFAULT_SPECIAL_TOKENS["additional_special_tokens"] if tok.token_to_id(t) is None]
+        missing = [t for t in DEFAULT_SPECIAL_TOKENS if tok.token_to_id(t) is None]
         if missing:
             raise ChatTemplateError(f"lmlab's default chat template needs the special tokens {missing} in the "
                                     "tokenizer (see lmlab.chat.DEFAULT_SPECIAL_TOKENS)")
@@ -241,7 +229,7 @@ def encode_chat(tok, messages, add_generation_prompt=False, template=None) -> tu
         text, spans = _render_tracked(template, messages, add_generation_prompt, special)
     else:
         text = render(template, messages, add_generation_prompt, **special)
-        spans = _spans_by_prefix(template, messages, add_generation_prompt, special, text)
+        spans = _spans_by_prefix(template, messages, special, text)
     # The template already wrote every special token it wants, so the tokenizer must add none.
     ids, offsets = tok.encode_with_offsets(text, add_special_tokens=False)
     # A token is masked when its characters overlap a span (as transformers does): a token that straddles
@@ -261,9 +249,8 @@ def encode_chat(tok, messages, add_generation_prompt=False, template=None) -> tu
 def end_of_turn(template: str, **special) -> str | None:
     """The text a template writes right after an assistant message's content (e.g. '<|im_end|>'), or None."""
     probe = "lmlabEndOfTurnProbe"
-    for convo in ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
-                  [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
-                   {"role": "assistant", "content": probe}]):
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+    for convo in (turn, [{"role": "system", "content": "s"}] + turn):
         try:
             text = render(template, convo, False, **special)
         except ChatTemplateError:

@@ -13,13 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
-from lmlab.errors import ConfigError, LmlabError
+from lmlab.errors import LmlabError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 # GPT-4's pre-tokenizer: contractions, words with one leading non-letter, 1-3 digit numbers,
@@ -31,7 +29,6 @@ DEFAULT_SPECIAL = {"bpe": {"bos_token": "<|endoftext|>", "eos_token": "<|endofte
                    "unigram": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
                    "wordpiece": {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                                  "cls_token": "[CLS]", "mask_token": "[MASK]"}}
-CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]  # used by lmlab's default chat template (lmlab/chat.py)
 
 
 class TokenizerError(LmlabError, ValueError):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
-from lmlab.tokenizer import CHAT_TOKENS, DEFAULT_SPECIAL, GPT4_SPLIT, SPECIAL_KEYS, TokenizerError
+from lmlab.chat import DEFAULT_SPECIAL_TOKENS as CHAT_TOKENS
+from lmlab.chat import DEFAULT_TEMPLATE
+from lmlab.tokenizer import DEFAULT_SPECIAL, GPT4_SPLIT, TokenizerError
 
 KINDS = ("bpe", "sp-bpe", "unigram", "wordpiece")
 
@@ -53,6 +55,13 @@ def wordpiece_pipeline(vocab: dict[str, int], special: dict, lowercase=True, chi
 
 
 def train(cls, data, vocab_size: int, kind: str, special_tokens, show_progress: bool):
+    tok = _train(cls, data, vocab_size, kind, special_tokens, show_progress)
+    if all(tok.token_to_id(t) is not None for t in CHAT_TOKENS):
+        tok.chat_template = DEFAULT_TEMPLATE  # lmlab's own template, whose tokens are in this vocabulary
+    return tok
+
+
+def _train(cls, data, vocab_size: int, kind: str, special_tokens, show_progress: bool):
     if kind not in KINDS:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
     special = dict(DEFAULT_SPECIAL[kind])
@@ -63,6 +72,9 @@ def train(cls, data, vocab_size: int, kind: str, special_tokens, show_progress: 
     if first is None:
         raise TokenizerError("the training corpus is empty (no non-blank text)")
     texts = _chain([first], texts)
+    if show_progress:
+        from tqdm import tqdm
+        texts = tqdm(texts, desc=f"training {kind} tokenizer", unit=" lines", mininterval=0.5)
     if kind in ("sp-bpe", "unigram"):
         return _train_sentencepiece(cls, texts, vocab_size, kind, special, extra)
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers

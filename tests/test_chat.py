@@ -257,3 +257,18 @@ def test_stop_token_ids(bpe):
     # Text that is not one token is not a stop id.
     assert stop_token_ids(StandInTokenizer(bpe, "{% for m in messages %}{{ m.content }} END.\n{% endfor %}",
                                            "<s>", "</s>")) == [bpe.token_to_id("</s>")]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_with_lmlab_tokenizer(kind):
+    """The same contract through lmlab's own Tokenizer (byte-level BPE and SentencePiece with offsets)."""
+    from lmlab.tokenizer import Tokenizer as LmlabTokenizer
+
+    tok = LmlabTokenizer.train(CORPUS * 20, 700, kind, show_progress=False)
+    for template, eot in [(None, "<|im_end|>"), (LLAMA3, "<|eot_id|>"), (QWEN, "<|im_end|>")]:
+        ids, mask = encode_chat(tok, CONVO, template=template)
+        assert masked_runs(tok, ids, mask) == [m["content"] + eot for m in TURNS[1::2]]
+        if tok.bos_token_id is not None and (template is None or tok.add_bos_token):
+            assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    stops = stop_token_ids(tok)
+    assert tok.eos_token_id in stops and tok.token_to_id("<|im_end|>") in stops

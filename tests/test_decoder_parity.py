@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from conftest import HF_CASES, make_hf_model
+from conftest import HF_CASES
 
 import lmlab
 from lmlab.interop.hf import config_from_hf, read_config

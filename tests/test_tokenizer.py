@@ -1,7 +1,6 @@
 """The Tokenizer against transformers.AutoTokenizer: trained BPE / WordPiece / SentencePiece, a real BERT."""
 import os
 import shutil
-import warnings
 
 import pytest
 import transformers

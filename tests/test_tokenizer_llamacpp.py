@@ -46,6 +46,8 @@ def _cached(build):
 
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory):
+    pytest.importorskip("gguf", reason="pip install gguf (test extra) to read the GGUF vocab files")
+    pytest.importorskip("google.protobuf", reason="pip install protobuf (test extra) to write tokenizer.model")
     return _cached(lambda name: build_dir(name, tmp_path_factory.mktemp(f"ggml-vocab-{name}")))
 
 

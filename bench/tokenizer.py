@@ -1,0 +1,215 @@
+"""Tokenizer training and encoding throughput: lmlab's Tokenizer vs the raw engines it wraps, in one process.
+
+Text: this interpreter's stdlib .py sources (sorted, site-packages excluded, invalid UTF-8 replaced)
+concatenated up to --mb MB (10^6 bytes). Training (first --train-mb MB, default all, in a temp file):
+lmlab `Tokenizer.train([file])` vs the pipeline and settings of lmlab/tokenizer_train.py in the raw
+library on the same file (`train([file])`, `SentencePieceTrainer.train(input=file)`); vocabularies
+compared. Encoding: ~--chunk-kb KB documents, lmlab's trained tokenizer, `tok.encode(doc)` vs
+`tok._hf.encode(doc).ids` / `tok._sp.encode(doc)`; `tok.encode_batch(docs)` (padded ids + mask) vs
+the engine's batch call giving the same output. Sides alternate per round; the best round counts.
+
+    python bench/tokenizer.py                     # bpe and sp-bpe, 30 MB
+    python bench/tokenizer.py --kinds bpe --mb 5  # quick
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+from lmlab import tokenizer_train  # noqa: E402
+from lmlab.tokenizer import DEFAULT_SPECIAL, GPT4_SPLIT, Tokenizer  # noqa: E402
+
+CHAT_TOKENS = list(tokenizer_train.CHAT_TOKENS)  # the extra special tokens lmlab's train() adds by default
+
+
+def stdlib_text(mb: float) -> str:
+    """The stdlib's .py files, concatenated in sorted order and cut at a line end at `mb` MB."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, size, limit = [], 0, int(mb * 1e6)
+    for f in sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file()):
+        if size < limit:
+            parts.append(f.read_bytes().decode("utf-8", errors="replace").rstrip("\n").encode() + b"\n")
+            size += len(parts[-1])
+    data = b"".join(parts)[:limit]
+    return data[:data.rfind(b"\n") + 1].decode("utf-8", errors="ignore")
+
+
+def chunks_of(text: str, size: int) -> list[str]:
+    """Documents of about `size` characters, cut after a newline."""
+    out, cur, n = [], [], 0
+    for line in text.splitlines(keepends=True):
+        cur.append(line)
+        n += len(line)
+        if n >= size:
+            out.append("".join(cur))
+            cur, n = [], 0
+    return out + (["".join(cur)] if cur else [])
+
+
+def raw_train(kind: str, path: str, vocab: int):
+    """The training lmlab does, with the raw library on the file directly."""
+    special = list(dict.fromkeys([*DEFAULT_SPECIAL[kind].values(), *CHAT_TOKENS]))
+    if kind == "sp-bpe":
+        import sentencepiece as spm
+        model, pieces = io.BytesIO(), {k.replace("token", "piece"): v for k, v in DEFAULT_SPECIAL[kind].items()}
+        spm.SentencePieceTrainer.train(
+            input=path, model_writer=model, vocab_size=vocab, model_type="bpe", byte_fallback=True,
+            character_coverage=0.9995, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_digits=True, allow_whitespace_only_pieces=True, split_by_whitespace=True, max_sentence_length=1 << 16,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, **pieces, user_defined_symbols=CHAT_TOKENS, minloglevel=2,
+            hard_vocab_limit=False, num_threads=2)
+        return spm.SentencePieceProcessor(model_proto=model.getvalue())
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    if kind == "bpe":
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GPT4_SPLIT), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=special, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+    else:  # wordpiece: lmlab's BERT pipeline, the WordPiece trainer on it
+        tok = tokenizer_train.wordpiece_pipeline({t: i for i, t in enumerate(DEFAULT_SPECIAL[kind].values())},
+                                                 DEFAULT_SPECIAL[kind])
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=special, show_progress=False,
+                                            continuing_subword_prefix="##")
+    tok.train([path], trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return tok
+
+
+def vocab_of(engine) -> dict:
+    if hasattr(engine, "get_vocab"):
+        return engine.get_vocab(with_added_tokens=True)
+    return {engine.id_to_piece(i): i for i in range(engine.get_piece_size())}
+
+
+def raw_batch(tok: Tokenizer):
+    """The engine's own batch call, right-padded with lmlab's pad id (the output of tok.encode_batch)."""
+    pad = tok.pad_token_id
+    if tok._sp is None:
+        from tokenizers import Tokenizer as HFTokenizer
+        hf = HFTokenizer.from_str(tok._hf.to_str())
+        hf.enable_padding(pad_id=pad, pad_token=tok.pad_token)
+        return lambda docs: tuple(map(list, zip(*((e.ids, e.attention_mask) for e in hf.encode_batch(docs)))))
+    sp, bos = tok._sp, [tok.bos_token_id] * tok.add_bos_token
+
+    def run(docs):
+        seqs = [bos + s for s in sp.encode(docs, num_threads=2)]
+        w = max(map(len, seqs))
+        return [s + [pad] * (w - len(s)) for s in seqs], [[1] * len(s) + [0] * (w - len(s)) for s in seqs]
+    return run
+
+
+def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Best time of each fn over `repeats` rounds (fns alternate within a round) and its last output."""
+    best, out = {k: float("inf") for k in fns}, {}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            out[k] = fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kinds", default="bpe,sp-bpe", help="comma-separated: bpe, sp-bpe, wordpiece (default: bpe,sp-bpe)")
+    ap.add_argument("--mb", type=float, default=30, help="MB of stdlib source to encode (default: 30)")
+    ap.add_argument("--train-mb", type=float, help="MB of it to train on (default: all of it)")
+    ap.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
+    ap.add_argument("--chunk-kb", type=float, default=2, help="document size for encoding, KB (default: 2)")
+    ap.add_argument("--batch", type=int, default=64, help="documents per encode_batch call (default: 64)")
+    ap.add_argument("--repeats", type=int, default=3, help="encoding rounds, best counts (default: 3)")
+    ap.add_argument("--train-repeats", type=int, default=2, help="training rounds, best counts (default: 2)")
+    ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    args = ap.parse_args()
+    kinds = args.kinds.split(",")
+    if bad := [k for k in kinds if k not in ("bpe", "sp-bpe", "wordpiece")]:
+        ap.error(f"unknown kinds {bad}")
+    t_start = time.perf_counter()
+    import sentencepiece
+    import tokenizers
+    info = {**common.machine_info(), "tokenizers": tokenizers.__version__, "sentencepiece": sentencepiece.__version__}
+
+    text = stdlib_text(args.mb)
+    mb = len(text.encode()) / 1e6
+    train_text = text if args.train_mb is None else stdlib_text(min(args.train_mb, args.mb))
+    train_mb = len(train_text.encode()) / 1e6
+    docs = chunks_of(text, int(args.chunk_kb * 1000))
+    batches = [docs[i:i + args.batch] for i in range(0, len(docs), args.batch)]
+    print(f"text: {mb:.1f} MB ({len(docs)} documents), training on {train_mb:.1f} MB", flush=True)
+
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        path = str(Path(d) / "train.txt")
+        Path(path).write_text(train_text, encoding="utf-8")
+        for kind in kinds:
+            t_tr, tr = interleaved({"raw": lambda: raw_train(kind, path, args.vocab),
+                                    "lmlab": lambda: Tokenizer.train([path], vocab_size=args.vocab, kind=kind,
+                                                                     show_progress=False)}, args.train_repeats)
+            tok = tr["lmlab"]
+            # WordPiece training is not deterministic from run to run, so its vocabularies are not compared
+            same_vocab = kind == "wordpiece" or vocab_of(tr["raw"]) == vocab_of(tok._hf if tok._sp is None else tok._sp)
+            print(f"{kind}: trained lmlab {t_tr['lmlab']:.1f} s, raw {t_tr['raw']:.1f} s, same vocab: {same_vocab}",
+                  flush=True)
+            if tok._sp is not None:
+                sp, bos = tok._sp, [tok.bos_token_id] * tok.add_bos_token  # lmlab adds bos; sentencepiece does not
+                raw_enc = lambda: [bos + sp.encode(c) for c in docs]  # noqa: E731
+            else:
+                raw_enc = lambda: [tok._hf.encode(c).ids for c in docs]  # noqa: E731
+            rb = raw_batch(tok)
+            t_enc, out = interleaved({"raw": raw_enc, "lmlab": lambda: [tok.encode(c) for c in docs]}, args.repeats)
+            t_bat, outb = interleaved({"raw": lambda: [rb(b) for b in batches],
+                                       "lmlab": lambda: [tok.encode_batch(b) for b in batches]}, args.repeats)
+            diff = {"encode": sum(a != b for a, b in zip(out["lmlab"], out["raw"])),
+                    "encode_batch": sum(a != b for a, b in zip(outb["lmlab"], outb["raw"]))}
+            print(f"{kind}: encode lmlab {t_enc['lmlab']:.2f} s, raw {t_enc['raw']:.2f} s; batch lmlab "
+                  f"{t_bat['lmlab']:.2f} s, raw {t_bat['raw']:.2f} s; differing outputs {diff}", flush=True)
+            secs = {"train": t_tr, "encode": t_enc, "encode_batch": t_bat}
+            speeds = {k: {s: (train_mb if k == "train" else mb) / t[s] for s in ("lmlab", "raw")} for k, t in secs.items()}
+            notes = {"train": f"{train_mb:.0f} MB" + ("" if same_vocab else ", vocab DIFFERS"),
+                     "encode": f"{diff['encode']} of {len(docs)} docs differ" if diff["encode"] else "",
+                     "encode_batch": f"{args.batch} docs/call" + (f", {diff['encode_batch']} calls differ"
+                                                                   if diff["encode_batch"] else "")}
+            for k, v in speeds.items():
+                r = v["lmlab"] / v["raw"]
+                rows.append([kind, f"{k} MB/s" + (f" ({notes[k]})" if notes[k] else ""), v["lmlab"], v["raw"],
+                             f"{r:.2f}", "yes" if r >= 0.9 else "**no**"])
+            results[kind] = {"seconds": secs, "mb_per_s": speeds, "same_vocab": same_vocab, "outputs_differing": diff,
+                             "tokens": sum(map(len, out["raw"])),
+                             "ratio_lmlab_over_raw": {k: v["lmlab"] / v["raw"] for k, v in speeds.items()}}
+
+    total = time.perf_counter() - t_start
+    table = common.md_table(["kind", "metric", "lmlab", "raw library", "lmlab / raw", ">= 0.90"], rows)
+    body = "\n\n".join([
+        "## Tokenizer: lmlab wrapper vs raw `tokenizers` / `sentencepiece`",
+        f"`{' '.join(['python bench/tokenizer.py', *sys.argv[1:]])}`: {mb:.1f} MB of this Python's stdlib .py "
+        f"sources (sorted, concatenated), vocab {args.vocab}. Training on {train_mb:.1f} MB, best of "
+        f"{args.train_repeats}: `Tokenizer.train([file])` vs the same pipeline and settings in the raw library on "
+        f"the file (`train([file])`, `SentencePieceTrainer.train(input=file)`). Encoding: {len(docs)} documents of "
+        f"~{args.chunk_kb:g} KB, lmlab's trained tokenizer, `tok.encode(doc)` vs `tok._hf.encode(doc).ids` / "
+        f"`tok._sp.encode(doc)`; encode_batch: lmlab's (padded ids + mask; it encodes one document at a time) vs the "
+        f"engine's batch call giving the same padded output. Best of {args.repeats}, sides alternating. Target: "
+        f"lmlab / raw >= 0.90. Whole run {total:.0f} s.",
+        table, common.machine_line(info) + f" tokenizers {info['tokenizers']}, sentencepiece {info['sentencepiece']}."])
+    print(body)
+    result = {"name": "tokenizer", "args": vars(args), "machine": info, "text_mb": mb, "train_mb": train_mb,
+              "documents": len(docs), "total_seconds": total, "kinds": results}
+    print(f"\nwrote {common.save_json('tokenizer', result)}")
+    if not args.no_docs:
+        common.write_section("tokenizer", body)
+        print(f"updated {common.DOC}")
+
+
+if __name__ == "__main__":
+    main()
