@@ -1,24 +1,23 @@
 """Tokenizer training and encoding throughput: lmlab's Tokenizer vs the raw engines it wraps, in one process.
 
 Text: this interpreter's stdlib .py sources (sorted, site-packages excluded, invalid UTF-8 replaced)
-concatenated up to --mb MB (10^6 bytes). Training (first --train-mb MB, default all, in a temp file):
+concatenated up to --mb MB (10^6 bytes). Training (first --train-mb MB, default all, as a temp file):
 lmlab `Tokenizer.train([file])` vs the pipeline and settings of lmlab/tokenizer_train.py in the raw
-library on the same file (`train([file])`, `SentencePieceTrainer.train(input=file)`); vocabularies
-compared. Encoding: ~--chunk-kb KB documents, lmlab's trained tokenizer, `tok.encode(doc)` vs
-`tok._hf.encode(doc).ids` / `tok._sp.encode(doc)`; `tok.encode_batch(docs)` (padded ids + mask) vs
-the engine's batch call giving the same output. Sides alternate per round; the best round counts.
-
-    python bench/tokenizer.py                     # bpe and sp-bpe, 30 MB
-    python bench/tokenizer.py --kinds bpe --mb 5  # quick
+library on the same file; vocabularies compared. Encoding: ~--chunk-kb KB documents, lmlab's trained
+tokenizer, `tok.encode(doc)` vs `tok._hf.encode(doc).ids` / `tok._sp.encode(doc)`, and
+`tok.encode_batch(docs)` (padded ids + mask) vs the engine's batch call giving the same output.
+Sides alternate per round; the best round counts.   python bench/tokenizer.py [--kinds bpe --mb 5]
 """
 from __future__ import annotations
 
 import argparse
 import io
+import re
 import sys
 import sysconfig
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,22 +36,16 @@ def stdlib_text(mb: float) -> str:
     parts, size, limit = [], 0, int(mb * 1e6)
     for f in sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file()):
         if size < limit:
-            parts.append(f.read_bytes().decode("utf-8", errors="replace").rstrip("\n").encode() + b"\n")
+            t = f.read_bytes().decode("utf-8", errors="replace")
+            parts.append(t.encode() + b"\n" * (not t.endswith("\n")))
             size += len(parts[-1])
     data = b"".join(parts)[:limit]
     return data[:data.rfind(b"\n") + 1].decode("utf-8", errors="ignore")
 
 
 def chunks_of(text: str, size: int) -> list[str]:
-    """Documents of about `size` characters, cut after a newline."""
-    out, cur, n = [], [], 0
-    for line in text.splitlines(keepends=True):
-        cur.append(line)
-        n += len(line)
-        if n >= size:
-            out.append("".join(cur))
-            cur, n = [], 0
-    return out + (["".join(cur)] if cur else [])
+    """Documents of at least `size` characters (but the last) that end at the first newline after that."""
+    return re.findall(rf"(?s).{{{size},}}?\n|.+", text)
 
 
 def raw_train(kind: str, path: str, vocab: int):
@@ -68,7 +61,8 @@ def raw_train(kind: str, path: str, vocab: int):
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, **pieces, user_defined_symbols=CHAT_TOKENS, minloglevel=2,
             hard_vocab_limit=False, num_threads=2)
         return spm.SentencePieceProcessor(model_proto=model.getvalue())
-    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
     if kind == "bpe":
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GPT4_SPLIT), behavior="isolated"),
@@ -86,21 +80,18 @@ def raw_train(kind: str, path: str, vocab: int):
     return tok
 
 
-def vocab_of(engine) -> dict:
-    if hasattr(engine, "get_vocab"):
-        return engine.get_vocab(with_added_tokens=True)
-    return {engine.id_to_piece(i): i for i in range(engine.get_piece_size())}
+def vocab_of(e) -> dict:
+    return e.get_vocab(True) if hasattr(e, "get_vocab") else {e.id_to_piece(i): i for i in range(e.get_piece_size())}
 
 
 def raw_batch(tok: Tokenizer):
     """The engine's own batch call, right-padded with lmlab's pad id (the output of tok.encode_batch)."""
-    pad = tok.pad_token_id
     if tok._sp is None:
         from tokenizers import Tokenizer as HFTokenizer
         hf = HFTokenizer.from_str(tok._hf.to_str())
-        hf.enable_padding(pad_id=pad, pad_token=tok.pad_token)
+        hf.enable_padding(pad_id=tok.pad_token_id, pad_token=tok.pad_token)
         return lambda docs: tuple(map(list, zip(*((e.ids, e.attention_mask) for e in hf.encode_batch(docs)))))
-    sp, bos = tok._sp, [tok.bos_token_id] * tok.add_bos_token
+    sp, bos, pad = tok._sp, [tok.bos_token_id] * tok.add_bos_token, tok.pad_token_id
 
     def run(docs):
         seqs = [bos + s for s in sp.encode(docs, num_threads=2)]
@@ -120,6 +111,31 @@ def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
     return best, out
 
 
+def bench_kind(kind: str, path: str, docs: list[str], batches: list[list[str]], args):
+    """Training and encoding speeds (MB/s) of lmlab and the raw library, and whether their outputs agree."""
+    t_tr, tr = interleaved({"raw": lambda: raw_train(kind, path, args.vocab),
+                            "lmlab": lambda: Tokenizer.train([path], vocab_size=args.vocab, kind=kind,
+                                                             show_progress=False)}, args.train_repeats)
+    tok = tr["lmlab"]
+    # WordPiece training is not deterministic from run to run, so its vocabularies are not compared
+    same_vocab = None if kind == "wordpiece" else vocab_of(tr["raw"]) == vocab_of(tok._hf if tok._sp is None else tok._sp)
+    bos = [tok.bos_token_id] * tok.add_bos_token  # lmlab adds bos to sentencepiece's ids
+    raw_enc = (lambda: [bos + tok._sp.encode(c) for c in docs]) if tok._sp is not None else \
+        (lambda: [tok._hf.encode(c).ids for c in docs])
+    rb = raw_batch(tok)
+    t_enc, out = interleaved({"raw": raw_enc, "lmlab": lambda: [tok.encode(c) for c in docs]}, args.repeats)
+    t_bat, outb = interleaved({"raw": lambda: [rb(b) for b in batches],
+                               "lmlab": lambda: [tok.encode_batch(b) for b in batches]}, args.repeats)
+    diff = {"encode": sum(a != b for a, b in zip(out["lmlab"], out["raw"])),
+            "encode_batch": sum(a != b for a, b in zip(outb["lmlab"], outb["raw"]))}
+    secs = {"train": t_tr, "encode": t_enc, "encode_batch": t_bat}
+    print(f"{kind}: seconds {secs}, same vocab {same_vocab}, differing outputs {diff}", flush=True)
+    size = {"train": Path(path).stat().st_size / 1e6, "encode": sum(len(c.encode()) for c in docs) / 1e6}
+    speeds = {k: {s: size.get(k, size["encode"]) / t[s] for s in ("lmlab", "raw")} for k, t in secs.items()}
+    return {"seconds": secs, "mb_per_s": speeds, "ratio_lmlab_over_raw": {k: v["lmlab"] / v["raw"] for k, v in
+            speeds.items()}, "same_vocab": same_vocab, "outputs_differing": diff, "tokens": sum(map(len, out["raw"]))}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,77 +146,45 @@ def main():
     ap.add_argument("--chunk-kb", type=float, default=2, help="document size for encoding, KB (default: 2)")
     ap.add_argument("--batch", type=int, default=64, help="documents per encode_batch call (default: 64)")
     ap.add_argument("--repeats", type=int, default=3, help="encoding rounds, best counts (default: 3)")
-    ap.add_argument("--train-repeats", type=int, default=2, help="training rounds, best counts (default: 2)")
+    ap.add_argument("--train-repeats", type=int, default=3, help="training rounds, best counts (default: 3)")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
-    args = ap.parse_args()
+    args, t_start = ap.parse_args(), time.perf_counter()
     kinds = args.kinds.split(",")
     if bad := [k for k in kinds if k not in ("bpe", "sp-bpe", "wordpiece")]:
         ap.error(f"unknown kinds {bad}")
-    t_start = time.perf_counter()
-    import sentencepiece
-    import tokenizers
-    info = {**common.machine_info(), "tokenizers": tokenizers.__version__, "sentencepiece": sentencepiece.__version__}
+    info = {**common.machine_info(), **{p: version(p) for p in ("tokenizers", "sentencepiece")}}
 
     text = stdlib_text(args.mb)
-    mb = len(text.encode()) / 1e6
     train_text = text if args.train_mb is None else stdlib_text(min(args.train_mb, args.mb))
-    train_mb = len(train_text.encode()) / 1e6
+    mb, train_mb = (len(t.encode()) / 1e6 for t in (text, train_text))
     docs = chunks_of(text, int(args.chunk_kb * 1000))
     batches = [docs[i:i + args.batch] for i in range(0, len(docs), args.batch)]
-    print(f"text: {mb:.1f} MB ({len(docs)} documents), training on {train_mb:.1f} MB", flush=True)
 
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as d:
-        path = str(Path(d) / "train.txt")
-        Path(path).write_text(train_text, encoding="utf-8")
+        (path := Path(d) / "train.txt").write_text(train_text, encoding="utf-8")
         for kind in kinds:
-            t_tr, tr = interleaved({"raw": lambda: raw_train(kind, path, args.vocab),
-                                    "lmlab": lambda: Tokenizer.train([path], vocab_size=args.vocab, kind=kind,
-                                                                     show_progress=False)}, args.train_repeats)
-            tok = tr["lmlab"]
-            # WordPiece training is not deterministic from run to run, so its vocabularies are not compared
-            same_vocab = kind == "wordpiece" or vocab_of(tr["raw"]) == vocab_of(tok._hf if tok._sp is None else tok._sp)
-            print(f"{kind}: trained lmlab {t_tr['lmlab']:.1f} s, raw {t_tr['raw']:.1f} s, same vocab: {same_vocab}",
-                  flush=True)
-            if tok._sp is not None:
-                sp, bos = tok._sp, [tok.bos_token_id] * tok.add_bos_token  # lmlab adds bos; sentencepiece does not
-                raw_enc = lambda: [bos + sp.encode(c) for c in docs]  # noqa: E731
-            else:
-                raw_enc = lambda: [tok._hf.encode(c).ids for c in docs]  # noqa: E731
-            rb = raw_batch(tok)
-            t_enc, out = interleaved({"raw": raw_enc, "lmlab": lambda: [tok.encode(c) for c in docs]}, args.repeats)
-            t_bat, outb = interleaved({"raw": lambda: [rb(b) for b in batches],
-                                       "lmlab": lambda: [tok.encode_batch(b) for b in batches]}, args.repeats)
-            diff = {"encode": sum(a != b for a, b in zip(out["lmlab"], out["raw"])),
-                    "encode_batch": sum(a != b for a, b in zip(outb["lmlab"], outb["raw"]))}
-            print(f"{kind}: encode lmlab {t_enc['lmlab']:.2f} s, raw {t_enc['raw']:.2f} s; batch lmlab "
-                  f"{t_bat['lmlab']:.2f} s, raw {t_bat['raw']:.2f} s; differing outputs {diff}", flush=True)
-            secs = {"train": t_tr, "encode": t_enc, "encode_batch": t_bat}
-            speeds = {k: {s: (train_mb if k == "train" else mb) / t[s] for s in ("lmlab", "raw")} for k, t in secs.items()}
-            notes = {"train": f"{train_mb:.0f} MB" + ("" if same_vocab else ", vocab DIFFERS"),
-                     "encode": f"{diff['encode']} of {len(docs)} docs differ" if diff["encode"] else "",
-                     "encode_batch": f"{args.batch} docs/call" + (f", {diff['encode_batch']} calls differ"
-                                                                   if diff["encode_batch"] else "")}
-            for k, v in speeds.items():
-                r = v["lmlab"] / v["raw"]
-                rows.append([kind, f"{k} MB/s" + (f" ({notes[k]})" if notes[k] else ""), v["lmlab"], v["raw"],
-                             f"{r:.2f}", "yes" if r >= 0.9 else "**no**"])
-            results[kind] = {"seconds": secs, "mb_per_s": speeds, "same_vocab": same_vocab, "outputs_differing": diff,
-                             "tokens": sum(map(len, out["raw"])),
-                             "ratio_lmlab_over_raw": {k: v["lmlab"] / v["raw"] for k, v in speeds.items()}}
+            r = results[kind] = bench_kind(kind, str(path), docs, batches, args)
+            bad = {"train": "vocab differs" * (r["same_vocab"] is False), **{k: f"{n} {u} differ" * bool(n) for (k, n), u
+                   in zip(r["outputs_differing"].items(), ("docs", "batches"))}}
+            rows += [[kind, f"{k} MB/s" + f" ({bad[k]})" * bool(bad[k]), v["lmlab"], v["raw"],
+                      f"{r['ratio_lmlab_over_raw'][k]:.2f}", "yes" if r["ratio_lmlab_over_raw"][k] >= 0.9 else "**no**"]
+                     for k, v in r["mb_per_s"].items()]
 
     total = time.perf_counter() - t_start
     table = common.md_table(["kind", "metric", "lmlab", "raw library", "lmlab / raw", ">= 0.90"], rows)
     body = "\n\n".join([
         "## Tokenizer: lmlab wrapper vs raw `tokenizers` / `sentencepiece`",
-        f"`{' '.join(['python bench/tokenizer.py', *sys.argv[1:]])}`: {mb:.1f} MB of this Python's stdlib .py "
-        f"sources (sorted, concatenated), vocab {args.vocab}. Training on {train_mb:.1f} MB, best of "
-        f"{args.train_repeats}: `Tokenizer.train([file])` vs the same pipeline and settings in the raw library on "
-        f"the file (`train([file])`, `SentencePieceTrainer.train(input=file)`). Encoding: {len(docs)} documents of "
-        f"~{args.chunk_kb:g} KB, lmlab's trained tokenizer, `tok.encode(doc)` vs `tok._hf.encode(doc).ids` / "
-        f"`tok._sp.encode(doc)`; encode_batch: lmlab's (padded ids + mask; it encodes one document at a time) vs the "
-        f"engine's batch call giving the same padded output. Best of {args.repeats}, sides alternating. Target: "
-        f"lmlab / raw >= 0.90. Whole run {total:.0f} s.",
+        (f"`{' '.join(['python bench/tokenizer.py', *sys.argv[1:]])}`: {mb:.1f} MB of this Python's stdlib .py "
+         f"sources (sorted, concatenated), cut into {len(docs)} documents of ~{args.chunk_kb:g} KB; vocab "
+         f"{args.vocab}. Training on {train_mb:.1f} MB (best of {args.train_repeats}): `Tokenizer.train([file])` vs "
+         f"the same pipeline and settings in the raw library on the file (`train([file])`, "
+         f"`SentencePieceTrainer.train(input=file)`). Encoding with lmlab's trained tokenizer: `tok.encode(doc)` vs "
+         f"`tok._hf.encode(doc).ids` / `tok._sp.encode(doc)`; encode_batch: lmlab's (padded ids + mask; it encodes "
+         f"one document at a time) vs the engine's batch call giving the same padded output, {args.batch} documents "
+         f"per call. Best of {args.repeats} rounds, sides alternating. Target: lmlab / raw >= 0.90. Whole run "
+         f"{total:.0f} s. Special-token strings inside the text (`<s>`, `</s>`, `<unk>` occur in the stdlib) are "
+         f"encoded as special tokens by lmlab, as transformers does, and as text by raw sentencepiece."),
         table, common.machine_line(info) + f" tokenizers {info['tokenizers']}, sentencepiece {info['sentencepiece']}."])
     print(body)
     result = {"name": "tokenizer", "args": vars(args), "machine": info, "text_mb": mb, "train_mb": train_mb,

@@ -45,6 +45,52 @@ def _tokenizer(args) -> int:
     return 0
 
 
+def _run_config(args):
+    """Preset -> model.*, then --config FILE, then --set overrides; data/tokenizer flags as data.*."""
+    from lmlab.config import RunConfig, apply_overrides, preset
+
+    d = {"model": preset(args.preset).to_dict(), "train": {}, "data": {}}
+    if args.config:
+        loaded = RunConfig.load_yaml(args.config).to_dict()
+        for section in d:
+            d[section].update(loaded.get(section, {}))
+    d["data"].update(source=args.data, tokenizer=args.tokenizer)
+    if args.max_minutes:
+        d["train"]["max_minutes"] = args.max_minutes
+    return RunConfig.from_dict(apply_overrides(d, args.set))
+
+
+def _pretrain(args) -> int:
+    from lmlab.train import pretrain
+
+    if args.out is None:
+        args.out = f"runs/pretrain-{args.preset}"
+    summary = pretrain.run(_run_config(args), args.out, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "report"}))
+    return 0
+
+
+def _eval(args) -> int:
+    from lmlab.eval import run_eval
+
+    result = run_eval(args.model, args.task, data=args.data, batch_size=args.batch_size, seq_len=args.seq_len)
+    line = json.dumps(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0
+
+
+def _data(args) -> int:
+    from lmlab.data.world import write_world
+
+    paths = write_world(args.out, seed=args.seed, n_people=args.people)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
 def _info(args) -> int:
     import lmlab
 
@@ -91,6 +137,36 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--no-special", action="store_true", help="do not add bos/eos or [CLS]/[SEP]")
     te.add_argument("text", help="the text to encode")
     t.set_defaults(func=_tokenizer)
+
+    p_ = sub.add_parser("pretrain", help="pre-train a model on the built-in world or your text", formatter_class=fmt)
+    p_.add_argument("--family", default="decoder", choices=["decoder"], help="model family")
+    p_.add_argument("--preset", default="tiny", help="model preset (tiny, small, llama-50m, gpt2-124m, llama-1b, ...)")
+    p_.add_argument("--data", default="world", help="'world' or a .txt/.jsonl/.parquet file, folder or glob")
+    p_.add_argument("--tokenizer", default="train", help="'train' (on the data) or a tokenizer/model directory")
+    p_.add_argument("--out", default=None, help="run directory (default: runs/pretrain-PRESET)")
+    p_.add_argument("--config", default=None, help="a YAML run config (model/train/data sections)")
+    p_.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides such as train.max_steps=200 model.hidden_size=128")
+    p_.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p_.add_argument("--max-minutes", type=float, default=0.0, help="time budget (0 = none)")
+    p_.set_defaults(func=_pretrain)
+
+    e = sub.add_parser("eval", help="evaluate a model directory; prints one JSON object", formatter_class=fmt)
+    e.add_argument("--model", required=True, help="model directory")
+    e.add_argument("--task", default="perplexity", choices=["perplexity"], help="what to measure")
+    e.add_argument("--data", default="world", help="'world' or text files (perplexity)")
+    e.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    e.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    e.add_argument("--out", default=None, help="also write the JSON result to this file")
+    e.set_defaults(func=_eval)
+
+    d = sub.add_parser("data", help="data sets", formatter_class=fmt)
+    dsub = d.add_subparsers(dest="action", metavar="ACTION", required=True)
+    dw = dsub.add_parser("world", help="write the built-in world's data sets as jsonl", formatter_class=fmt)
+    dw.add_argument("--out", required=True, help="output directory")
+    dw.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
+    dw.add_argument("--people", type=int, default=100, help="number of people in the world")
+    d.set_defaults(func=_data)
 
     i = sub.add_parser("info", help="print a model directory's config and parameter count", formatter_class=fmt)
     i.add_argument("--model", required=True, help="model directory (Hugging Face layout)")

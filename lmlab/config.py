@@ -1,4 +1,5 @@
-"""Model configuration: one dataclass for every decoder family, HF field names, and presets.
+"""Configuration: one dataclass for every decoder family (HF field names) and presets; run configs
+(model.*, train.*, data.*) with YAML load/save and `--set section.key=value` overrides.
 
 Field names follow Hugging Face's config.json (LlamaConfig) so that `--set model.hidden_size=256`
 means what a transformers user expects. Families differ only in a few switches (`norm`, `mlp`,
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lmlab.errors import ConfigError
@@ -137,20 +139,28 @@ def _gpt2(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-# Presets: small enough for a 2-core CPU. `llama-50m` is the benchmark model of the foundation issue.
+# Presets. `tiny` is the model of DESIGN.md's calibration run (4.6M parameters: learns the built-in world
+# on a 2-core CPU in minutes); `small` ~25M; `llama-50m` the benchmark model of the foundation issue;
+# `gpt2-124m` and `llama-1b` are GPU-sized. Vocabulary sizes follow the tokenizer at training time.
 PRESETS: dict[str, callable] = {
-    "tiny": lambda: ModelConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    "tiny": lambda: ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                                 tie_word_embeddings=True),
-    "small": lambda: ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                 num_attention_heads=4, max_position_embeddings=1024, tie_word_embeddings=True),
+    "small": lambda: ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                                 tie_word_embeddings=True),
     "llama-50m": lambda: ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+    "llama-1b": lambda: ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                                    rope_theta=500000.0, tie_word_embeddings=True),
     "mixtral-tiny": lambda: ModelConfig(model_type="mixtral", vocab_size=2048, hidden_size=128, intermediate_size=256,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512),
     "gpt2-tiny": lambda: _gpt2(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                                num_attention_heads=4, max_position_embeddings=512, bos_token_id=0, eos_token_id=0),
+    "gpt2-124m": lambda: _gpt2(vocab_size=50257, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                               num_attention_heads=12, max_position_embeddings=1024),
 }
 
 
@@ -167,3 +177,129 @@ def load_json(path) -> dict:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+# ------------------------------------------------------------------------------------------ run configs
+@dataclass
+class TrainConfig:
+    """The one training loop's settings (train.* keys). batch_size is the GLOBAL batch: sequences per
+    optimizer step, summed over ranks and accumulation steps, so losses do not depend on the world size."""
+    max_steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 20
+    save_every: int = 100  # 0 = only at the end
+    keep_last: int = 2
+    seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
+    compile: bool = False
+    max_minutes: float = 0.0  # time budget; 0 = none
+    distributed: str = "ddp"  # ddp | fsdp (under torchrun)
+
+    def validate(self):
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(f"train config: {msg}")
+        for k in ("max_steps", "batch_size", "seq_len", "grad_accum"):
+            need(isinstance(getattr(self, k), int) and getattr(self, k) > 0, f"{k} must be a positive integer")
+        need(self.lr > 0, "lr must be > 0")
+        need(self.schedule in ("cosine", "linear", "constant"), f"schedule must be cosine|linear|constant")
+        need(self.dtype in ("float32", "bfloat16"), f"dtype must be float32|bfloat16, got {self.dtype!r}")
+        need(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp|fsdp, got {self.distributed!r}")
+
+
+@dataclass
+class DataConfig:
+    """data.* keys: where text comes from and how it is tokenized."""
+    source: str = "world"  # world | a path, folder or glob of .txt/.jsonl/.parquet
+    field: str = "text"  # jsonl/parquet field holding the text
+    tokenizer: str = "train"  # train | a tokenizer or model directory
+    tokenizer_kind: str = "bpe"
+    vocab_size: int = 2048
+    val_fraction: float = 0.02
+    world_seed: int = 0
+    world_people: int = 100
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model.*, train.*, data.* (HF names under model)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
+                "data": dataclasses.asdict(self.data)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        sections = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+        unknown = sorted(set(d) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(sections)}")
+        parts = {}
+        for name, klass in sections.items():
+            values = d.get(name) or {}
+            names = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(values) - names)
+            if bad:
+                raise ConfigError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}; known: {sorted(names)}")
+            parts[name] = klass(**_coerce(klass, name, values))
+        parts["train"].validate()
+        return cls(**parts)
+
+    def save_yaml(self, path) -> None:
+        import yaml
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path) -> "RunConfig":
+        import yaml
+        try:
+            return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+
+
+def _coerce(klass, section: str, values: dict) -> dict:
+    """YAML reads 1e-3 as a string; numbers given for float fields become floats, and so on."""
+    out = dict(values)
+    for f in dataclasses.fields(klass):
+        if f.name not in out or f.default is dataclasses.MISSING or out[f.name] is None:
+            continue
+        v, want = out[f.name], type(f.default)
+        if want in (int, float) and not isinstance(v, bool) and isinstance(v, (int, float, str)):
+            try:
+                out[f.name] = want(v) if want is float or float(v).is_integer() else v
+            except ValueError:
+                raise ConfigError(f"{section}.{f.name} must be a number, got {v!r}") from None
+    return out
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """`--set train.lr=1e-3 model.hidden_size=256`: dotted keys, values parsed as YAML scalars."""
+    import yaml
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"--set key {key!r} must be section.name (e.g. train.lr)")
+        try:
+            value = json.loads(raw)  # numbers (1e-3 too), true/false, null, lists
+        except json.JSONDecodeError:
+            value = yaml.safe_load(raw)  # bare strings
+        d.setdefault(parts[0], {})[parts[1]] = value
+    return d

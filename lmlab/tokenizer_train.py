@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +22,8 @@ def iter_texts(data) -> Iterator[str]:
     items = list(data) if not isinstance(data, Iterator) else data
     bad = 0
     for item in items:
-        if isinstance(item, Path) or (isinstance(item, str) and Path(item).is_file() and "\n" not in item):
+        # a Path, or a string naming an existing file, is read; any other string is text itself
+        if isinstance(item, Path) or (isinstance(item, str) and "\n" not in item and os.path.isfile(item)):
             with open(item, "rb") as f:
                 for raw in f:
                     try:

@@ -1,0 +1,156 @@
+"""Distributed helpers for the training loop: one process by default; DDP or FSDP2 under torchrun
+(gloo on CPU, NCCL on GPU). Every function is a no-op (or the obvious local answer) on one process."""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as td
+
+_PEAK: dict[str, float] = {}
+
+
+def init() -> None:
+    """Join the process group torchrun describes in the environment (once)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        td.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def active() -> bool:
+    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+
+
+def world_size() -> int:
+    return td.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return td.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        td.barrier()
+
+
+def mean(x: torch.Tensor) -> float:
+    """Average a scalar over ranks (for logging)."""
+    if active():
+        x = x.detach().clone()
+        td.all_reduce(x, op=td.ReduceOp.SUM)
+        x /= td.get_world_size()
+    return float(x)
+
+
+def any_true(flag: bool) -> bool:
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def is_fsdp(model) -> bool:
+    return getattr(model, "_lmlab_fsdp", False)
+
+
+def wrap(model, cfg):
+    """DDP or FSDP2 (fully_shard on every block, then the root) under torchrun; the model itself otherwise.
+    FSDP2 shards the parameters in place, so the optimizer must be made after wrapping."""
+    if not active():
+        return model
+    if cfg.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        model._lmlab_fsdp = True
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model)
+
+
+def no_sync(wrapped, skip: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps that are not the last."""
+    if not skip or not active():
+        return nullcontext()
+    if hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(False)
+        return _ResyncFSDP(wrapped)
+    return nullcontext()
+
+
+class _ResyncFSDP:
+    def __init__(self, m):
+        self.m = m
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.m.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_model_state(model):
+    """The complete model state dict under FSDP2 (collective; on CPU); None when the model's own
+    parameters are already complete (save the model directly)."""
+    if not is_fsdp(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_state_dicts(model, opt):
+    """(model state as full_model_state gives it, complete optimizer state). Collective under FSDP2."""
+    if not is_fsdp(model):
+        return None, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return full_model_state(model), get_optimizer_state_dict(model, opt, options=options)
+
+
+def load_optimizer_state(model, opt, state: dict) -> None:
+    if not is_fsdp(model):
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def peak_flops(dtype: str) -> float:
+    """This machine's matmul FLOP/s in the training dtype, measured once per process (for MFU)."""
+    if dtype not in _PEAK:
+        dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        n = 4096 if dev == "cuda" else 1024
+        a, b = torch.randn(n, n, dtype=dt, device=dev), torch.randn(n, n, dtype=dt, device=dev)
+        for _ in range(2):
+            a @ b
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0, reps = time.perf_counter(), 5
+        for _ in range(reps):
+            a @ b
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        _PEAK[dtype] = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return _PEAK[dtype]

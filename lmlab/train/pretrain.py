@@ -1,0 +1,153 @@
+"""Pre-training a decoder: documents -> tokenizer -> shards -> next-token loss through the one loop.
+
+    lmlab pretrain --preset tiny --data world --out runs/pretrain
+    torchrun --nproc_per_node=2 -m lmlab pretrain --preset tiny --data world --out runs/pretrain
+
+The run directory holds config.yaml, data/ (shards + tokenizer), metrics.jsonl, plots/, checkpoints/,
+final/ (HF model + tokenizer) and report.json / report.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.config import ConfigError, DataConfig, RunConfig
+from lmlab.train import dist
+from lmlab.train.loop import train
+
+
+def documents(dc: DataConfig) -> list[str]:
+    """The text of data.source: the built-in world's pre-training corpus, or files/folders/globs."""
+    if dc.source == "world":
+        from lmlab.data.world import make_world
+        return make_world(seed=dc.world_seed, n_people=dc.world_people).pretrain_docs(mix_qa=True)
+    from lmlab.data.text import iter_documents
+    return list(iter_documents(dc.source, field=dc.field))
+
+
+def prepare_data(rc: RunConfig, shard_dir: Path, show_progress: bool = True):
+    """Tokenizer + shards, made once by rank 0 (reused when the run resumes); -> the tokenizer."""
+    from lmlab.data.shards import build_shards
+    from lmlab.tokenizer import Tokenizer, load_tokenizer
+
+    if dist.is_main() and not (shard_dir / "index.json").exists():
+        docs = documents(rc.data)
+        if rc.data.tokenizer == "train":
+            tok = Tokenizer.train(docs, rc.data.vocab_size, kind=rc.data.tokenizer_kind, show_progress=show_progress)
+        else:
+            tok = load_tokenizer(rc.data.tokenizer)
+        build_shards(docs, tok, shard_dir, val_fraction=rc.data.val_fraction, seed=rc.train.seed,
+                     show_progress=show_progress)
+    dist.barrier()
+    return load_tokenizer(shard_dir / "tokenizer")
+
+
+def causal_lm_loss(model, base):
+    """Mean next-token cross-entropy (+ the MoE load-balancing loss, weighted as in Mixtral)."""
+    def loss_fn(step_model, batch):
+        x, y = (t.to(base.device) for t in batch)
+        logits = step_model(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        if base.config.num_local_experts:
+            aux = base.aux_loss()
+            return loss + base.config.router_aux_loss_coef * aux, {"aux_loss": float(aux)}
+        return loss, {}
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate_lm(model, loader, max_batches: int | None = None) -> dict:
+    """Validation loss, perplexity and bits per UTF-8 byte over the loader's split (all ranks together).
+
+    bpb = summed loss in nats / ln 2 / bytes of text covered, where the windows evaluated cover
+    text_bytes * (tokens evaluated / tokens in the split) bytes."""
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for x, y in loader.iter_eval(max_batches):
+        logits = model(x.to(model.device))
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(model.device).flatten(), reduction="sum").cpu()
+        count += y.numel()
+    total, count = dist.mean(total) * dist.world_size(), dist.mean(count) * dist.world_size()
+    loss = total / max(count, 1)
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_tokens": int(count)}
+    if loader.text_bytes:
+        out["val_bpb"] = total / math.log(2) / (loader.text_bytes * count / max(loader.tokens - 1, 1))
+    return out
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """6 x matmul parameters (the input embedding is a lookup; a tied head is a matmul) + attention."""
+    cfg = model.config
+    n = model.num_params()
+    if not cfg.tie_word_embeddings:
+        n -= cfg.vocab_size * cfg.hidden_size
+    if model.pos_embed is not None:
+        n -= model.pos_embed.weight.numel()
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+    return 6 * n + attn
+
+
+def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None, show_progress: bool = True) -> dict:
+    from lmlab.data.shards import TokenLoader
+    from lmlab.data.text import DataError
+    from lmlab.interop.hf import load_weights
+    from lmlab.models import build
+
+    dist.init()
+    out = Path(out_dir)
+    t = rc.train
+    W = dist.world_size()
+    if t.batch_size % (W * t.grad_accum):
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must divide into {W} ranks x train.grad_accum "
+                          f"({t.grad_accum}) micro-batches")
+    micro = t.batch_size // (W * t.grad_accum)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        rc.save_yaml(out / "config.yaml")
+    tok = prepare_data(rc, out / "data", show_progress)
+    mc = rc.model.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id,
+                          max_position_embeddings=max(rc.model.max_position_embeddings, t.seq_len))
+    torch.manual_seed(t.seed)  # every rank builds the same initial weights
+    model = build(mc)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    loader = TokenLoader(out / "data", "train", micro, t.seq_len, t.seed, dist.rank(), W)
+    try:
+        val = TokenLoader(out / "data", "val", micro, t.seq_len, t.seed, dist.rank(), W)
+        eval_fn = lambda m: evaluate_lm(m, val, t.eval_batches)  # noqa: E731
+    except DataError as e:
+        print(f"[pretrain] no validation: {e}")
+        eval_fn = None
+
+    def save_model(d, state_dict):
+        target = model
+        if state_dict is not None:  # FSDP: the gathered full weights, into a plain CPU copy
+            target = build(mc)
+            target.load_state_dict(state_dict)
+        target.save_pretrained(d)
+
+    summary = train(model, causal_lm_loss(model, model), loader, t, out, eval_fn=eval_fn, save_model=save_model,
+                    load_model=lambda m, d: load_weights(m, Path(d)), tokenizer=tok, resume=resume,
+                    flops_per_token=flops_per_token(model, t.seq_len), stop_at=stop_at, desc="pretrain")
+    if summary["stopped"] != "completed":
+        return summary
+    final = out / "final"
+    model_sd = dist.full_model_state(model)
+    if dist.is_main():
+        save_model(final, model_sd)
+        tok.save_pretrained(final)
+        (final / "lmlab.json").write_text(json.dumps({"stage": "pretrain", "config": rc.to_dict()}, indent=2))
+        report = {"stage": "pretrain", "val_loss": summary.get("val_loss"), "val_bpb": summary.get("val_bpb"),
+                  "val_ppl": summary.get("val_ppl"), "train_loss": summary["loss"], "steps": summary["step"],
+                  "seconds": summary["seconds"], "params": model.num_params()}
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.items())
+        (out / "report.md").write_text(f"# Pre-training report\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+                                       "![loss](plots/loss.png)\n")
+        summary["report"] = report
+    dist.barrier()
+    return summary

@@ -1,0 +1,164 @@
+"""The one training loop: exact resume, signals, atomic checkpoints, non-finite loss, distributed parity."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.config import RunConfig, apply_overrides, preset
+from lmlab.train import loop, pretrain
+from lmlab.train.loop import TrainingError
+
+# a small model and run: the test is about the loop, not about learning
+SETTINGS = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
+            "model.num_attention_heads=4", "model.num_key_value_heads=2", "train.batch_size=4", "train.seq_len=32",
+            "train.max_steps=12", "train.warmup_steps=3", "train.eval_every=4", "train.save_every=3",
+            "train.eval_batches=2", "data.vocab_size=300", "train.lr=0.003"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    docs = [f"Document {i}: the {['red', 'blue', 'green'][i % 3]} fox number {i * 7} jumps over {i % 5} dogs. " * 4
+            for i in range(120)]
+    with open(d / "docs.jsonl", "w") as f:
+        for t in docs:
+            f.write(json.dumps({"text": t}) + "\n")
+    return d / "docs.jsonl"
+
+
+def config(corpus, *extra):
+    d = {"model": preset("tiny").to_dict(), "data": {"source": str(corpus)}}
+    return RunConfig.from_dict(apply_overrides(d, SETTINGS + list(extra)))
+
+
+def losses(run_dir):
+    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [(r["step"], r["val_loss"]) for r in rows
+                                                                    if "val_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    pretrain.run(config(corpus), out, show_progress=False)
+    return out
+
+
+def test_run_directory_layout(uninterrupted):
+    out = uninterrupted
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md", "plots/loss.png", "final/config.json",
+                 "final/model.safetensors", "final/tokenizer.json", "data/index.json"):
+        assert (out / name).exists(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000009", "step_000012"]  # keep_last 2
+    ckpt = out / "checkpoints" / "step_000012"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "rng.pt", "loader.json",
+                 "trainer_state.json"):
+        assert (ckpt / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 12 and report["val_loss"] > 0 and report["val_bpb"] > 0
+    train, val = losses(out)
+    assert [s for s, _ in train] == list(range(1, 13)) and [s for s, _ in val] == [4, 8, 12]
+    assert train[-1][1] < train[0][1]  # it learns something
+    # final/ is a plain HF directory: lmlab and transformers load it
+    model = lmlab.load_model(out / "final")
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "final")
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() < 1e-4
+
+
+def test_resume_is_exact(corpus, uninterrupted, tmp_path):
+    first = pretrain.run(config(corpus), tmp_path, stop_at=5, show_progress=False)
+    assert first["stopped"] == "stop_at 5" and (tmp_path / "checkpoints" / "step_000005").exists()
+    pretrain.run(config(corpus), tmp_path, resume=True, show_progress=False)
+    assert losses(tmp_path) == losses(uninterrupted)  # bit for bit, evals included
+
+
+def test_sigterm_saves_and_resume_continues(corpus, uninterrupted, tmp_path):
+    cfg = config(corpus)
+    cfg.save_yaml(tmp_path / "cfg.yaml")
+    cmd = [sys.executable, "-m", "lmlab", "pretrain", "--config", str(tmp_path / "cfg.yaml"),
+           "--data", str(corpus), "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped (SIGTERM)" in out
+    stopped_at = json.loads(out.strip().splitlines()[-1])["step"]
+    assert stopped_at < 12 and loop.latest_checkpoint(tmp_path / "run").name == f"step_{stopped_at:06d}"
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert losses(tmp_path / "run") == losses(uninterrupted)
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    real_save, calls = torch.save, {"n": 0}
+
+    def flaky_save(obj, path, *a, **kw):
+        if str(path).endswith("optimizer.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError("disk full")
+        return real_save(obj, path, *a, **kw)
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(OSError, match="disk full"):
+        pretrain.run(config(corpus), tmp_path, show_progress=False)
+    assert loop.latest_checkpoint(tmp_path).name == "step_000003"
+    monkeypatch.setattr(torch, "save", real_save)
+    summary = pretrain.run(config(corpus), tmp_path, resume=True, show_progress=False)
+    assert summary["stopped"] == "completed" and summary["step"] == 12
+
+
+def test_non_finite_loss_stops_cleanly(corpus, tmp_path, monkeypatch):
+    real = pretrain.causal_lm_loss
+
+    def poisoned(model, base):
+        fn, calls = real(model, base), {"n": 0}
+
+        def loss_fn(m, batch):
+            calls["n"] += 1
+            loss, extra = fn(m, batch)
+            return (loss * float("nan") if calls["n"] == 8 else loss), extra
+        return loss_fn
+    monkeypatch.setattr(pretrain, "causal_lm_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 7.*step_000006"):
+        pretrain.run(config(corpus), tmp_path, show_progress=False)
+    ckpt = loop.latest_checkpoint(tmp_path)
+    assert ckpt.name == "step_000006"
+    assert torch.isfinite(torch.cat([p.flatten() for p in lmlab.load_model(ckpt).parameters()])).all()
+
+
+def test_lr_schedule():
+    cfg = RunConfig.from_dict({"train": {"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr_ratio": 0.1}}).train
+    assert loop.lr_at(0, cfg) == pytest.approx(0.1) and loop.lr_at(9, cfg) == pytest.approx(1.0)
+    assert loop.lr_at(60, cfg) == pytest.approx(0.55) and loop.lr_at(110, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(mode, corpus, uninterrupted, tmp_path):
+    """torchrun with 2 gloo processes and the same global batch gives the single-process loss curve."""
+    cfg = config(corpus, f"train.distributed={mode}")
+    cfg.save_yaml(tmp_path / "cfg.yaml")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "lmlab", "pretrain",
+                          "--config", str(tmp_path / "cfg.yaml"), "--data", str(corpus), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (one_train, one_val), (two_train, two_val) = losses(uninterrupted), losses(tmp_path / "r")
+    assert [s for s, _ in two_train] == [s for s, _ in one_train]
+    for (s, a), (_, b) in zip(one_train + one_val, two_train + two_val):
+        assert abs(a - b) <= 1e-5, (s, a, b)
