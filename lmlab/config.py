@@ -213,7 +213,7 @@ class TrainConfig:
         for k in ("max_steps", "batch_size", "seq_len", "grad_accum"):
             need(isinstance(getattr(self, k), int) and getattr(self, k) > 0, f"{k} must be a positive integer")
         need(self.lr > 0, "lr must be > 0")
-        need(self.schedule in ("cosine", "linear", "constant"), f"schedule must be cosine|linear|constant")
+        need(self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine|linear|constant")
         need(self.dtype in ("float32", "bfloat16"), f"dtype must be float32|bfloat16, got {self.dtype!r}")
         need(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp|fsdp, got {self.distributed!r}")
 

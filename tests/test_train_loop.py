@@ -1,7 +1,6 @@
 """The one training loop: exact resume, signals, atomic checkpoints, non-finite loss, distributed parity."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -161,4 +160,36 @@ def test_two_processes_match_one(mode, corpus, uninterrupted, tmp_path):
     (one_train, one_val), (two_train, two_val) = losses(uninterrupted), losses(tmp_path / "r")
     assert [s for s, _ in two_train] == [s for s, _ in one_train]
     for (s, a), (_, b) in zip(one_train + one_val, two_train + two_val):
+        assert abs(a - b) <= 1e-5, (s, a, b)
+
+
+def test_grad_accumulation_matches_one_big_batch(corpus, uninterrupted, tmp_path):
+    """batch_size is the global batch: 2 accumulation steps of 2 give the curve of 1 step of 4."""
+    pretrain.run(config(corpus, "train.grad_accum=2"), tmp_path, show_progress=False)
+    for (s, a), (_, b) in zip(*(losses(d)[0] for d in (uninterrupted, tmp_path))):
+        assert abs(a - b) <= 1e-5, (s, a, b)
+
+
+def test_time_budget_and_bf16(corpus, tmp_path):
+    summary = pretrain.run(config(corpus, "train.max_minutes=0.00001", "train.dtype=bfloat16"), tmp_path,
+                           show_progress=False)
+    assert summary["stopped"] == "time budget" and summary["step"] == 1
+    assert loop.latest_checkpoint(tmp_path).name == "step_000001"
+    summary = pretrain.run(config(corpus, "train.dtype=bfloat16"), tmp_path, resume=True, show_progress=False)
+    assert summary["stopped"] == "completed" and summary["loss"] < losses(tmp_path)[0][0][1]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_resume_on_another_world_size(mode, corpus, uninterrupted, tmp_path):
+    """A checkpoint from one process resumes under torchrun with two (same global batch): same curve."""
+    pretrain.run(config(corpus), tmp_path / "r", stop_at=5, show_progress=False)
+    config(corpus, f"train.distributed={mode}").save_yaml(tmp_path / "cfg.yaml")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "lmlab", "pretrain", "--resume",
+                          "--config", str(tmp_path / "cfg.yaml"), "--data", str(corpus), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (a_train, a_val), (b_train, b_val) = losses(uninterrupted), losses(tmp_path / "r")
+    assert [s for s, _ in b_train] == [s for s, _ in a_train]
+    for (s, a), (_, b) in zip(a_train + a_val, b_train + b_val):
         assert abs(a - b) <= 1e-5, (s, a, b)

@@ -118,10 +118,31 @@ def full_model_state(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _param_names(model) -> list[str]:
+    """Parameter names in the optimizer's order (make_optimizer: matrices, then vectors; tied once)."""
+    params = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}.values()
+    return [n for n, p in params if p.dim() >= 2] + [n for n, p in params if p.dim() < 2]
+
+
+def _optim_by_name(model, sd: dict) -> dict:
+    """torch's optimizer state (keyed by parameter index) -> keyed by parameter name, as FSDP2 writes it,
+    so a checkpoint resumes on any number of processes, sharded or not."""
+    names = _param_names(model)
+    return {"state": {names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]}
+
+
+def _optim_by_index(model, sd: dict) -> dict:
+    index = {n: i for i, n in enumerate(_param_names(model))}
+    return {"state": {index[n]: v for n, v in sd["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in sd["param_groups"]]}
+
+
 def full_state_dicts(model, opt):
-    """(model state as full_model_state gives it, complete optimizer state). Collective under FSDP2."""
+    """(model state as full_model_state gives it, complete optimizer state keyed by parameter name).
+    Collective under FSDP2."""
     if not is_fsdp(model):
-        return None, opt.state_dict()
+        return None, _optim_by_name(model, opt.state_dict())
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return full_model_state(model), get_optimizer_state_dict(model, opt, options=options)
@@ -129,7 +150,7 @@ def full_state_dicts(model, opt):
 
 def load_optimizer_state(model, opt, state: dict) -> None:
     if not is_fsdp(model):
-        opt.load_state_dict(state)
+        opt.load_state_dict(_optim_by_index(model, state))
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, opt, optim_state_dict=state,

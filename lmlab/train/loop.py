@@ -16,7 +16,6 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
