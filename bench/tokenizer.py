@@ -1,12 +1,12 @@
 """Tokenizer training and encoding throughput: lmlab's Tokenizer vs the raw engines it wraps, in one process.
 
-Text: this interpreter's stdlib .py sources (sorted, site-packages excluded, invalid UTF-8 replaced)
-concatenated up to --mb MB (10^6 bytes). Training (first --train-mb MB, default all, as a temp file):
-lmlab `Tokenizer.train([file])` vs the pipeline and settings of lmlab/tokenizer_train.py in the raw
-library on the same file; vocabularies compared. Encoding: ~--chunk-kb KB documents, lmlab's trained
-tokenizer, `tok.encode(doc)` vs `tok._hf.encode(doc).ids` / `tok._sp.encode(doc)`, and
-`tok.encode_batch(docs)` (padded ids + mask) vs the engine's batch call giving the same output.
-Sides alternate per round; the best round counts.   python bench/tokenizer.py [--kinds bpe --mb 5]
+Text: this interpreter's stdlib .py sources (sorted, site-packages excluded) up to --mb MB (10^6 bytes).
+Training on it (a temp file): lmlab `Tokenizer.train([file])` vs the pipeline and settings of
+lmlab/tokenizer_train.py in the raw library on the same file. Encoding ~--chunk-kb KB documents with
+lmlab's trained tokenizer: `tok.encode(doc)` vs `tok._hf.encode(doc).ids` / `tok._sp.encode(doc)`, and
+`tok.encode_batch(docs)` vs the engine's batch call giving the same padded output. Outputs compared.
+
+    python bench/tokenizer.py [--kinds bpe,sp-bpe,wordpiece] [--mb 30]
 """
 from __future__ import annotations
 
@@ -87,8 +87,7 @@ def vocab_of(e) -> dict:
 def raw_batch(tok: Tokenizer):
     """The engine's own batch call, right-padded with lmlab's pad id (the output of tok.encode_batch)."""
     if tok._sp is None:
-        from tokenizers import Tokenizer as HFTokenizer
-        hf = HFTokenizer.from_str(tok._hf.to_str())
+        hf = type(tok._hf).from_str(tok._hf.to_str())  # a copy, with padding
         hf.enable_padding(pad_id=tok.pad_token_id, pad_token=tok.pad_token)
         return lambda docs: tuple(map(list, zip(*((e.ids, e.attention_mask) for e in hf.encode_batch(docs)))))
     sp, bos, pad = tok._sp, [tok.bos_token_id] * tok.add_bos_token, tok.pad_token_id
@@ -100,13 +99,14 @@ def raw_batch(tok: Tokenizer):
     return run
 
 
-def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """Best time of each fn over `repeats` rounds (fns alternate within a round) and its last output."""
+def interleaved(fns: dict, repeats: int, keep: bool = False) -> tuple[dict, dict]:
+    """Best time of each fn over `repeats` rounds (the fns alternate within a round) and, with keep, its last
+    output; else outputs are freed within the timing (big live outputs slowed whichever call ran next)."""
     best, out = {k: float("inf") for k in fns}, {}
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            out[k] = fn()
+            out[k] = fn() if keep else len(fn())
             best[k] = min(best[k], time.perf_counter() - t0)
     return best, out
 
@@ -115,38 +115,36 @@ def bench_kind(kind: str, path: str, docs: list[str], batches: list[list[str]], 
     """Training and encoding speeds (MB/s) of lmlab and the raw library, and whether their outputs agree."""
     t_tr, tr = interleaved({"raw": lambda: raw_train(kind, path, args.vocab),
                             "lmlab": lambda: Tokenizer.train([path], vocab_size=args.vocab, kind=kind,
-                                                             show_progress=False)}, args.train_repeats)
+                                                             show_progress=False)}, args.repeats, keep=True)
     tok = tr["lmlab"]
     # WordPiece training is not deterministic from run to run, so its vocabularies are not compared
-    same_vocab = None if kind == "wordpiece" else vocab_of(tr["raw"]) == vocab_of(tok._hf if tok._sp is None else tok._sp)
+    same_vocab = None if kind == "wordpiece" else vocab_of(tr["raw"]) == vocab_of(tok._sp or tok._hf)
     bos = [tok.bos_token_id] * tok.add_bos_token  # lmlab adds bos to sentencepiece's ids
     raw_enc = (lambda: [bos + tok._sp.encode(c) for c in docs]) if tok._sp is not None else \
         (lambda: [tok._hf.encode(c).ids for c in docs])
     rb = raw_batch(tok)
-    t_enc, out = interleaved({"raw": raw_enc, "lmlab": lambda: [tok.encode(c) for c in docs]}, args.repeats)
-    t_bat, outb = interleaved({"raw": lambda: [rb(b) for b in batches],
-                               "lmlab": lambda: [tok.encode_batch(b) for b in batches]}, args.repeats)
-    diff = {"encode": sum(a != b for a, b in zip(out["lmlab"], out["raw"])),
-            "encode_batch": sum(a != b for a, b in zip(outb["lmlab"], outb["raw"]))}
-    secs = {"train": t_tr, "encode": t_enc, "encode_batch": t_bat}
+    enc = {"raw": raw_enc, "lmlab": lambda: [tok.encode(c) for c in docs]}
+    bat = {"raw": lambda: [rb(b) for b in batches], "lmlab": lambda: [tok.encode_batch(b) for b in batches]}
+    diff = {name: sum(a != b for a, b in zip(fns["lmlab"](), fns["raw"]()))  # one untimed call per side, compared
+            for name, fns in (("encode", enc), ("encode_batch", bat))}
+    secs = {"train": t_tr, **{k: interleaved(f, args.repeats)[0] for k, f in (("encode", enc), ("encode_batch", bat))}}
     print(f"{kind}: seconds {secs}, same vocab {same_vocab}, differing outputs {diff}", flush=True)
     size = {"train": Path(path).stat().st_size / 1e6, "encode": sum(len(c.encode()) for c in docs) / 1e6}
     speeds = {k: {s: size.get(k, size["encode"]) / t[s] for s in ("lmlab", "raw")} for k, t in secs.items()}
     return {"seconds": secs, "mb_per_s": speeds, "ratio_lmlab_over_raw": {k: v["lmlab"] / v["raw"] for k, v in
-            speeds.items()}, "same_vocab": same_vocab, "outputs_differing": diff, "tokens": sum(map(len, out["raw"]))}
+            speeds.items()}, "same_vocab": same_vocab, "outputs_differing": diff}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", default="bpe,sp-bpe", help="comma-separated: bpe, sp-bpe, wordpiece (default: bpe,sp-bpe)")
+    ap.add_argument("--kinds", default="bpe,sp-bpe", help="of bpe, sp-bpe, wordpiece (default: bpe,sp-bpe)")
     ap.add_argument("--mb", type=float, default=30, help="MB of stdlib source to encode (default: 30)")
     ap.add_argument("--train-mb", type=float, help="MB of it to train on (default: all of it)")
     ap.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
     ap.add_argument("--chunk-kb", type=float, default=2, help="document size for encoding, KB (default: 2)")
     ap.add_argument("--batch", type=int, default=64, help="documents per encode_batch call (default: 64)")
-    ap.add_argument("--repeats", type=int, default=3, help="encoding rounds, best counts (default: 3)")
-    ap.add_argument("--train-repeats", type=int, default=3, help="training rounds, best counts (default: 3)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per measurement, best counts (default: 3)")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args, t_start = ap.parse_args(), time.perf_counter()
     kinds = args.kinds.split(",")
@@ -165,27 +163,29 @@ def main():
         (path := Path(d) / "train.txt").write_text(train_text, encoding="utf-8")
         for kind in kinds:
             r = results[kind] = bench_kind(kind, str(path), docs, batches, args)
-            bad = {"train": "vocab differs" * (r["same_vocab"] is False), **{k: f"{n} {u} differ" * bool(n) for (k, n), u
-                   in zip(r["outputs_differing"].items(), ("docs", "batches"))}}
-            rows += [[kind, f"{k} MB/s" + f" ({bad[k]})" * bool(bad[k]), v["lmlab"], v["raw"],
-                      f"{r['ratio_lmlab_over_raw'][k]:.2f}", "yes" if r["ratio_lmlab_over_raw"][k] >= 0.9 else "**no**"]
-                     for k, v in r["mb_per_s"].items()]
+            n = r["outputs_differing"]
+            bad = {"train": " (vocab differs)" * (r["same_vocab"] is False),
+                   "encode": f" ({n['encode']} docs differ)" * bool(n["encode"]),
+                   "encode_batch": f" ({n['encode_batch']} batches differ)" * bool(n["encode_batch"])}
+            x = r["ratio_lmlab_over_raw"]
+            rows += [[kind, f"{k} MB/s{bad[k]}", v["lmlab"], v["raw"], f"{x[k]:.2f}",
+                      "yes" if x[k] >= 0.9 else "**no**"] for k, v in r["mb_per_s"].items()]
 
     total = time.perf_counter() - t_start
     table = common.md_table(["kind", "metric", "lmlab", "raw library", "lmlab / raw", ">= 0.90"], rows)
     body = "\n\n".join([
         "## Tokenizer: lmlab wrapper vs raw `tokenizers` / `sentencepiece`",
-        (f"`{' '.join(['python bench/tokenizer.py', *sys.argv[1:]])}`: {mb:.1f} MB of this Python's stdlib .py "
-         f"sources (sorted, concatenated), cut into {len(docs)} documents of ~{args.chunk_kb:g} KB; vocab "
-         f"{args.vocab}. Training on {train_mb:.1f} MB (best of {args.train_repeats}): `Tokenizer.train([file])` vs "
-         f"the same pipeline and settings in the raw library on the file (`train([file])`, "
-         f"`SentencePieceTrainer.train(input=file)`). Encoding with lmlab's trained tokenizer: `tok.encode(doc)` vs "
-         f"`tok._hf.encode(doc).ids` / `tok._sp.encode(doc)`; encode_batch: lmlab's (padded ids + mask; it encodes "
-         f"one document at a time) vs the engine's batch call giving the same padded output, {args.batch} documents "
-         f"per call. Best of {args.repeats} rounds, sides alternating. Target: lmlab / raw >= 0.90. Whole run "
-         f"{total:.0f} s. Special-token strings inside the text (`<s>`, `</s>`, `<unk>` occur in the stdlib) are "
-         f"encoded as special tokens by lmlab, as transformers does, and as text by raw sentencepiece."),
-        table, common.machine_line(info) + f" tokenizers {info['tokenizers']}, sentencepiece {info['sentencepiece']}."])
+        (f"`{' '.join(['python bench/tokenizer.py', *sys.argv[1:]])}`: {mb:.1f} MB of this Python's stdlib "
+         f".py sources (sorted, concatenated), cut into {len(docs)} documents of ~{args.chunk_kb:g} KB; vocab "
+         f"{args.vocab}. Training on {train_mb:.1f} MB: `Tokenizer.train([file])` vs the same pipeline and settings "
+         f"in the raw library on the file (`train([file])`, `SentencePieceTrainer.train(input=file)`). Encoding with "
+         f"lmlab's trained tokenizer: `tok.encode(doc)` vs `tok._hf.encode(doc).ids` / `tok._sp.encode(doc)`; "
+         f"encode_batch: lmlab's (padded ids + mask; it encodes one document at a time) vs the engine's batch call "
+         f"giving the same padded output, {args.batch} documents per call. One untimed encoding call per side "
+         f"(outputs compared), then best of {args.repeats} rounds per measurement, sides alternating. Target: "
+         f"lmlab / raw >= 0.90. Whole run {total:.0f} s. Special-token strings in the text (`<s>`, `</s>`, `<unk>` "
+         f"occur in the stdlib) are special tokens to lmlab, as to transformers, and text to raw sentencepiece."),
+        table, f"{common.machine_line(info)} tokenizers {info['tokenizers']}, sentencepiece {info['sentencepiece']}."])
     print(body)
     result = {"name": "tokenizer", "args": vars(args), "machine": info, "text_mb": mb, "train_mb": train_mb,
               "documents": len(docs), "total_seconds": total, "kinds": results}

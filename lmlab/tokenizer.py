@@ -74,6 +74,10 @@ class Tokenizer:
             self.add_bos_token = bool(self.config.get("add_bos_token", True)) and self.bos_token is not None
             self.add_eos_token = bool(self.config.get("add_eos_token", False)) and self.eos_token is not None
         else:
+            from tokenizers import AddedToken
+            missing = [t for t in special.values() if t is not None and hf.token_to_id(t) is None]
+            if missing:  # a special token named in the config but not in the vocabulary: added, as transformers does
+                hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
             for key in ("add_bos_token", "add_eos_token"):
                 if key in self.config:
                     self._set_post_processor()
@@ -147,7 +151,13 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------------------ encode
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.encode_with_offsets(text, add_special_tokens)[0]
+        if self._sp is None:
+            return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = []
+        for first, seg in self._segments(text):
+            # only the first text segment gets sentencepiece's leading "▁" (transformers' legacy=False)
+            ids += [self.added[seg]] if seg in self.added else (self._sp if first else self._sp_inner).encode(seg)
+        return self._bos_eos(ids) if add_special_tokens else ids
 
     def encode_with_offsets(self, text: str, add_special_tokens: bool = False):
         """-> (ids, offsets): offsets[i] = (start, end) character span of token i in `text`."""
@@ -155,35 +165,41 @@ class Tokenizer:
             enc = self._hf.encode(text, add_special_tokens=add_special_tokens)
             return enc.ids, enc.offsets
         ids, offsets, pos = [], [], 0
-        segments = self._split.split(text) if self._split else [text]
-        first = True
-        for seg in segments:
-            if not seg:
-                continue
+        for first, seg in self._segments(text):
             if seg in self.added:
                 ids.append(self.added[seg])
                 offsets.append((pos, pos + len(seg)))
             else:
-                # only the first text segment gets sentencepiece's leading "▁" (transformers' legacy=False)
                 pieces = (self._sp if first else self._sp_inner).encode(seg, return_type="proto").pieces
                 # sentencepiece's surface offsets count UTF-8 bytes; map them to characters of `text`
                 char_at = [i for i, ch in enumerate(seg) for _ in ch.encode()] + [len(seg)]
                 for p in pieces:
                     ids.append(p.id)
                     offsets.append((pos + char_at[p.begin], pos + char_at[p.end]))
-            first = False
             pos += len(seg)
         if add_special_tokens:
+            n = len(ids)
+            ids = self._bos_eos(ids)
             if self.add_bos_token:
-                ids, offsets = [self.bos_token_id] + ids, [(0, 0)] + offsets
-            if self.add_eos_token:
-                ids, offsets = ids + [self.eos_token_id], offsets + [(len(text), len(text))]
+                offsets = [(0, 0)] + offsets
+            offsets += [(len(text), len(text))] * (len(ids) - n - self.add_bos_token)
         return ids, offsets
+
+    def _segments(self, text: str):
+        """(is_first, segment) of the text split around added tokens (sentencepiece backend)."""
+        parts = self._split.split(text) if self._split else [text]
+        return [(i == 0, seg) for i, seg in enumerate(p for p in parts if p)]
+
+    def _bos_eos(self, ids: list[int]) -> list[int]:
+        return [self.bos_token_id] * self.add_bos_token + ids + [self.eos_token_id] * self.add_eos_token
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True, padding_side: str = "right",
                      max_length: int | None = None):
         """-> (ids, attention_mask) as lists of equal-length lists, padded with pad (or eos) id."""
-        seqs = [self.encode(t, add_special_tokens)[:max_length] for t in texts]
+        if self._sp is None:  # the library's own batch call runs on every core
+            seqs = [e.ids[:max_length] for e in self._hf.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        else:
+            seqs = [self.encode(t, add_special_tokens)[:max_length] for t in texts]
         pad = self.pad_token_id if self.pad_token_id is not None else (self.eos_token_id or 0)
         width = max((len(s) for s in seqs), default=0)
         ids, mask = [], []

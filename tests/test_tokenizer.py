@@ -155,3 +155,15 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         lmlab.load_tokenizer(tmp_path)
+
+
+def test_special_token_missing_from_vocab_is_added(trained, tmp_path):
+    import json
+    _, d = trained["bpe"]
+    shutil.copytree(d, tmp_path / "t")
+    cfg = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+    cfg["mask_token"] = "<|mask|>"
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok, hf = lmlab.load_tokenizer(tmp_path / "t"), transformers.AutoTokenizer.from_pretrained(tmp_path / "t")
+    assert tok.mask_token_id == hf.mask_token_id == len(hf) - 1 == tok.vocab_size - 1
+    assert tok.encode("a <|mask|> b") == hf.encode("a <|mask|> b")
