@@ -25,6 +25,9 @@ bench: setup
 	$(BIN)/python bench/train_step.py --dtype bfloat16
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/decode.py --batch 16
+	for p in tiny small; do for d in float32 bfloat16; do \
+		$(BIN)/python bench/train_step.py --preset $$p --dtype $$d --batch 8 --seq 256 || exit 1; done; done
+	$(BIN)/python bench/tokenizer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,13 +11,12 @@ Encoding rules follow transformers 5 so that ids match `AutoTokenizer` exactly:
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from lmlab.errors import LmlabError
+from lmlab.fileio import write_json
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 # GPT-4's pre-tokenizer: contractions, words with one leading non-letter, 1-3 digit numbers,
@@ -196,10 +195,16 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True, padding_side: str = "right",
                      max_length: int | None = None):
         """-> (ids, attention_mask) as lists of equal-length lists, padded with pad (or eos) id."""
-        if self._sp is None:  # the library's own batch call runs on every core
-            seqs = [e.ids[:max_length] for e in self._hf.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        # the libraries' own batch calls run on every core
+        if self._sp is None:
+            seqs = [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=add_special_tokens)]
         else:
-            seqs = [self.encode(t, add_special_tokens)[:max_length] for t in texts]
+            plain = [i for i, t in enumerate(texts) if not (self._split and self._split.search(t))]
+            seqs = [None] * len(texts)
+            for i, ids in zip(plain, self._sp.encode([texts[i] for i in plain])):
+                seqs[i] = self._bos_eos(ids) if add_special_tokens else ids
+            seqs = [s if s is not None else self.encode(t, add_special_tokens) for s, t in zip(seqs, texts)]
+        seqs = [s[:max_length] for s in seqs]
         pad = self.pad_token_id if self.pad_token_id is not None else (self.eos_token_id or 0)
         width = max((len(s) for s in seqs), default=0)
         ids, mask = [], []
@@ -255,8 +260,8 @@ class Tokenizer:
             cfg.pop("add_bos_token", None)  # the post-processor in tokenizer.json is the truth
             cfg.pop("add_eos_token", None)
             cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        _write_json(out / "tokenizer_config.json", cfg)
-        _write_json(out / "special_tokens_map.json", self.special_tokens)
+        write_json(out / "tokenizer_config.json", cfg)
+        write_json(out / "special_tokens_map.json", self.special_tokens)
 
     # ------------------------------------------------------------------------------------------- train
     @classmethod
@@ -282,14 +287,6 @@ def _without_dummy_prefix(model: bytes):
     proto.ParseFromString(model)
     proto.normalizer_spec.add_dummy_prefix = False
     return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------- load

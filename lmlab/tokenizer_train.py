@@ -97,7 +97,7 @@ def _train(cls, data, vocab_size: int, kind: str, special_tokens, show_progress:
         tok = wordpiece_pipeline({t: i for i, t in enumerate(special.values())}, special)
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=all_special,
                                             show_progress=show_progress, continuing_subword_prefix="##")
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(_batched(texts, 1000), trainer=trainer)  # lists: less per-line Python overhead
     if kind == "wordpiece":
         if tok.get_vocab_size() > vocab_size:  # the trainer keeps every character it saw
             raise TokenizerError(f"vocab_size {vocab_size} is below the corpus alphabet plus {len(all_special)} "
@@ -132,6 +132,17 @@ def _train_sentencepiece(cls, texts, vocab_size, kind, special, extra):
     added = {t: sp.piece_to_id(t) for t in extra}
     return cls(sp=sp, sp_model=data, special=special, config={"add_bos_token": True, "add_eos_token": False},
                added=added)
+
+
+def _batched(items, n):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _chain(head, tail):

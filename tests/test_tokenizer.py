@@ -167,3 +167,11 @@ def test_special_token_missing_from_vocab_is_added(trained, tmp_path):
     tok, hf = lmlab.load_tokenizer(tmp_path / "t"), transformers.AutoTokenizer.from_pretrained(tmp_path / "t")
     assert tok.mask_token_id == hf.mask_token_id == len(hf) - 1 == tok.vocab_size - 1
     assert tok.encode("a <|mask|> b") == hf.encode("a <|mask|> b")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp-bpe", "unigram", "wordpiece"])
+def test_batch_encode_equals_encode(kind, trained):
+    tok, _ = trained[kind]
+    ids, mask = tok.encode_batch(TEXTS)
+    for text, row, m in zip(TEXTS, ids, mask):
+        assert row[:sum(m)] == tok.encode(text)

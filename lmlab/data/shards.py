@@ -44,7 +44,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import uuid
 import warnings
 from array import array
@@ -56,6 +55,7 @@ import numpy as np
 import torch
 
 from lmlab.data.text import DataError
+from lmlab.fileio import write_json
 
 FORMAT, VERSION = "lmlab-shards", 1
 INDEX = "index.json"
@@ -280,7 +280,7 @@ def build_shards(documents: Iterable[str], tokenizer, out_dir, shard_tokens: int
         if tok_tmp is not None:
             shutil.rmtree(out / "tokenizer", ignore_errors=True)
             os.replace(tok_tmp, out / "tokenizer")
-        _write_json(out / INDEX, index)
+        write_json(out / INDEX, index)
         return index
     finally:
         bar.close()
@@ -289,14 +289,6 @@ def build_shards(documents: Iterable[str], tokenizer, out_dir, shard_tokens: int
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def load_index(shard_dir) -> dict:

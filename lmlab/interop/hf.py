@@ -7,10 +7,7 @@ in the HF file. A plain string is the same tensor; `T(name)` is stored transpose
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,7 @@ import torch
 
 from lmlab.config import ModelConfig, load_json
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.fileio import atomic_write, write_json
 
 
 @dataclass(frozen=True)
@@ -382,17 +380,6 @@ def load_model(path, device="cpu", dtype=None):
     return model.to(dtype) if dtype is not None else model
 
 
-def _atomic_write(target: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_pretrained(model, out_dir, dtype=None, max_shard_bytes: int = 5 * 2**30):
     """Write config.json, generation_config.json and model.safetensors (sharded with an index past
     max_shard_bytes), each atomically, so that transformers.AutoModelForCausalLM loads the directory."""
@@ -414,27 +401,19 @@ def save_pretrained(model, out_dir, dtype=None, max_shard_bytes: int = 5 * 2**30
     shards.append(current)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_write(out / "model.safetensors", lambda p: save_file(shards[0], p, metadata=meta))
+        atomic_write(out / "model.safetensors", lambda p: save_file(shards[0], p, metadata=meta))
     else:
         weight_map = {}
         for n, shard in enumerate(shards, 1):
             fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(out / fname, lambda p, s=shard: save_file(s, p, metadata=meta))
+            atomic_write(out / fname, lambda p, s=shard: save_file(s, p, metadata=meta))
             weight_map |= {k: fname for k in shard}
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
                  "weight_map": weight_map}
-        _write_json(out / "model.safetensors.index.json", index)
+        write_json(out / "model.safetensors.index.json", index)
     cfg = model.config
-    _write_json(out / "config.json", config)
+    write_json(out / "config.json", config)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     if cfg.pad_token_id is not None:
         gen["pad_token_id"] = cfg.pad_token_id
-    _write_json(out / "generation_config.json", gen)
-
-
-def _write_json(path: Path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-    _atomic_write(path, write)
+    write_json(out / "generation_config.json", gen)
