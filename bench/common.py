@@ -128,3 +128,11 @@ def save_json(name: str, result: dict) -> Path:
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out
+
+
+def publish(name: str, result: dict, body: str, docs: bool = True) -> None:
+    """Write the JSON result and (unless docs is False) the docs/benchmarks.md section."""
+    print(f"\nwrote {save_json(name, result)}")
+    if docs:
+        write_section(name, body)
+        print(f"updated {DOC}")

@@ -138,10 +138,7 @@ def main():
               "seconds": {"lmlab": t_lm, "lmlab_compiled": t_lmc, "transformers": t_hf, "compile": t_compile},
               "tokens_per_s": tps, "ratio_lmlab_over_transformers": ratio, "ratio_compiled_over_transformers": ratio_c, "tokens_match": match, "mismatched_rows": bad_rows,
               "first_diff_step": first_diff}
-    print(f"\nwrote {common.save_json(name, result)}")
-    if not args.no_docs:
-        common.write_section(name, body)
-        print(f"updated {common.DOC}")
+    common.publish(name, result, body, docs=not args.no_docs)
 
 
 if __name__ == "__main__":

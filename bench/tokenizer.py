@@ -189,10 +189,7 @@ def main():
     print(body)
     result = {"name": "tokenizer", "args": vars(args), "machine": info, "text_mb": mb, "train_mb": train_mb,
               "documents": len(docs), "total_seconds": total, "kinds": results}
-    print(f"\nwrote {common.save_json('tokenizer', result)}")
-    if not args.no_docs:
-        common.write_section("tokenizer", body)
-        print(f"updated {common.DOC}")
+    common.publish("tokenizer", result, body, docs=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -163,10 +163,7 @@ def main():
     result = {"name": name, "args": vars(args), "machine": info, "peak_gflops": peak, **counts,
               "optimizer": lm.opt_kind, "first_loss": {"lmlab": loss0[0], "transformers": loss0[1]},
               "results": res, "ratio_lmlab_over_transformers": ratio}
-    print(f"\nwrote {common.save_json(name, result)}")
-    if not args.no_docs:
-        common.write_section(name, body)
-        print(f"updated {common.DOC}")
+    common.publish(name, result, body, docs=not args.no_docs)
 
 
 if __name__ == "__main__":

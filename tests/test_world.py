@@ -53,7 +53,7 @@ def test_people_names_and_attribute_pools(world):
         assert p.birth_city in W.CITIES and p.university in W.UNIVERSITIES and p.major in W.MAJORS
         assert W.COMPANIES[p.employer] == p.employer_city
         day, month, year = p.birth_date.split()
-        assert 1 <= int(day) <= 28 and month in W.MONTHS and 1900 < int(year) < 2010
+        assert int(day) in range(1, 29) and month in W.MONTHS and 1900 < int(year) < 2010
     assert make_world(seed=1).people != world.people and make_world(seed=0).people == world.people
 
 
