@@ -90,9 +90,14 @@ def model_pair(preset: str = "llama-50m"):
 
 def weight_counts(model) -> dict:
     """Parameter counts of an lmlab model: all, and all but the input embedding table (the head and
-    every matrix a token's forward pass multiplies with)."""
+    every matrix a token's forward pass multiplies with). A tied head is the embedding matrix, counted
+    once in `params` but multiplied with like any untied head, so it stays in; learned position tables
+    (GPT-2) are lookups and go."""
     total = model.num_params()
-    return {"params": total, "params_no_embed": total - model.embed.weight.numel()}
+    lookup = 0 if model.config.tie_word_embeddings else model.embed.weight.numel()
+    if model.pos_embed is not None:
+        lookup += model.pos_embed.weight.numel()
+    return {"params": total, "params_no_embed": total - lookup}
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:

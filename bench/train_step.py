@@ -4,7 +4,8 @@ A training step is forward + cross-entropy loss + backward + AdamW step (fused w
 supports it, else foreach), the same loss code and optimizer for both. Steps of the two models are
 interleaved (one lmlab step, one transformers step, ...) so that machine noise hits both alike.
 
-MFU counts 6 x (parameters except the input embedding) x tokens per training step and 2 x that per
+MFU counts 6 x (parameters except lookup tables: an untied input embedding, learned positions; a tied
+head is multiplied with, so it counts) x tokens per training step and 2 x that per
 forward (attention score/value products are left out), against a measured matmul peak in the
 compute dtype (fp32, or bf16 under --dtype bfloat16).
 
@@ -153,7 +154,7 @@ def main():
     body = "\n\n".join([
         f"## Training step and prefill: `{args.preset}`, {mode}",
         f"`{' '.join(['python bench/train_step.py', *sys.argv[1:]])}`: "
-        f"{counts['params'] / 1e6:.1f}M parameters ({n / 1e6:.1f}M without the input embedding), "
+        f"{counts['params'] / 1e6:.1f}M parameters ({n / 1e6:.1f}M in matmuls: all but lookup tables), "
         f"AdamW ({lm.opt_kind}), median of {args.steps} steps after {args.warmup} warmup, the two models "
         f"interleaved. Measured matmul peak (2048^3): {peaks}. First-step loss: lmlab {loss0[0]:.4f}, "
         f"transformers {loss0[1]:.4f}.",
