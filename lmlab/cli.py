@@ -91,6 +91,20 @@ def _data(args) -> int:
     return 0
 
 
+def _merge_lora(args) -> int:
+    import lmlab
+    from lmlab.models.lora import load_adapter, merge_lora
+
+    model = merge_lora(load_adapter(lmlab.load_model(args.model), args.adapter))
+    model.save_pretrained(args.out)
+    try:
+        lmlab.load_tokenizer(args.model).save_pretrained(args.out)
+    except lmlab.LmlabError:
+        pass  # a model directory without a tokenizer
+    print(f"merged {args.adapter} into {args.model} -> {args.out}")
+    return 0
+
+
 def _info(args) -> int:
     import lmlab
 
@@ -167,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     dw.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
     dw.add_argument("--people", type=int, default=100, help="number of people in the world")
     d.set_defaults(func=_data)
+
+    m = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model (a plain model dir)",
+                       formatter_class=fmt)
+    m.add_argument("--model", required=True, help="base model directory")
+    m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json, PEFT layout)")
+    m.add_argument("--out", required=True, help="output model directory")
+    m.set_defaults(func=_merge_lora)
 
     i = sub.add_parser("info", help="print a model directory's config and parameter count", formatter_class=fmt)
     i.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
