@@ -141,3 +141,12 @@ def publish(name: str, result: dict, body: str, docs: bool = True) -> None:
     if docs:
         write_section(name, body)
         print(f"updated {DOC}")
+
+
+def parser(doc: str):
+    """The scripts' argument parser, with the options they all share (--threads, --no-docs)."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    return ap

@@ -15,7 +15,6 @@ written per second.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -54,15 +53,12 @@ def timed(fn, repeats: int):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--preset", default="llama-50m", help="lmlab model preset (default: llama-50m)")
     ap.add_argument("--batch", type=int, default=1, help="number of prompts decoded together (default: 1)")
     ap.add_argument("--prompt-len", type=int, default=16, help="prompt length (the longest, at batch > 1; default: 16)")
     ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt (default: 128)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per side, best counts (default: 3)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
     if args.prompt_len < 8 and args.batch > 1:
         ap.error("--prompt-len must be at least 8 with --batch > 1")

@@ -10,7 +10,6 @@ lmlab's trained tokenizer: `tok.encode(doc)` vs `tok._hf.encode(doc).ids` / `tok
 """
 from __future__ import annotations
 
-import argparse
 import io
 import re
 import sys
@@ -136,8 +135,7 @@ def bench_kind(kind: str, path: str, docs: list[str], batches: list[list[str]], 
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--kinds", default="bpe,sp-bpe", help="of bpe, sp-bpe, wordpiece (default: bpe,sp-bpe)")
     ap.add_argument("--mb", type=float, default=30, help="MB of stdlib source to encode (default: 30)")
     ap.add_argument("--train-mb", type=float, help="MB of it to train on (default: all of it)")
@@ -145,11 +143,11 @@ def main():
     ap.add_argument("--chunk-kb", type=float, default=2, help="document size for encoding, KB (default: 2)")
     ap.add_argument("--batch", type=int, default=64, help="documents per encode_batch call (default: 64)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per measurement, best counts (default: 3)")
-    ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args, t_start = ap.parse_args(), time.perf_counter()
     kinds = args.kinds.split(",")
     if bad := [k for k in kinds if k not in ("bpe", "sp-bpe", "wordpiece")]:
         ap.error(f"unknown kinds {bad}")
+    common.setup(args.threads)  # torch threads, for the machine line (the tokenizer engines use their own)
     info = {**common.machine_info(), **{p: version(p) for p in ("tokenizers", "sentencepiece")}}
 
     text = stdlib_text(args.mb)

@@ -14,7 +14,6 @@ compute dtype (fp32, or bf16 under --dtype bfloat16).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -88,8 +87,7 @@ def interleaved(fa, fb, warmup: int, steps: int) -> tuple[list, list]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--preset", default="llama-50m", help="lmlab model preset (default: llama-50m)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="compute dtype; bfloat16 uses torch.autocast on CPU (default: float32)")
@@ -98,8 +96,6 @@ def main():
     ap.add_argument("--prefill-len", type=int, default=512, help="prefill length at batch 1 (default: 512)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps, median reported (default: 5)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed warmup steps (default: 2)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
 
     common.setup(args.threads)

@@ -69,6 +69,7 @@ class Tokenizer:
                         self.added[tok] = i
             self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) + ")") \
                 if self.added else None
+            self._added_by_id = {i: t for t, i in self.added.items()}
             self._sp_inner = _without_dummy_prefix(sp_model)  # for text that follows an added token
             self.add_bos_token = bool(self.config.get("add_bos_token", True)) and self.bos_token is not None
             self.add_eos_token = bool(self.config.get("add_eos_token", False)) and self.eos_token is not None
@@ -124,8 +125,7 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         if self._sp is not None:
-            inv = {v: k for k, v in self.added.items()}
-            return inv.get(i) or (self._sp.id_to_piece(i) if 0 <= i < self._sp.get_piece_size() else None)
+            return self._added_by_id.get(i) or (self._sp.id_to_piece(i) if 0 <= i < self._sp.get_piece_size() else None)
         return self._hf.id_to_token(i)
 
     def __getattr__(self, name):
@@ -221,13 +221,12 @@ class Tokenizer:
         # as transformers decodes a SentencePiece model: pieces (added tokens as their text), "▁" -> " ",
         # <0xNN> byte pieces -> bytes, then one leading space dropped
         skip = self.special_ids if skip_special_tokens else set()
-        inv = {v: k for k, v in self.added.items()}
         out = bytearray()
         for i in ids:
             if i in skip:
                 continue
-            if i in inv:
-                out += inv[i].encode()
+            if i in self._added_by_id:
+                out += self._added_by_id[i].encode()
                 continue
             piece = self._sp.id_to_piece(i)
             if self._sp.is_byte(i):

@@ -417,8 +417,6 @@ class TokenLoader:
         self.epoch, self.position = self.epoch + pos // self.n_windows, pos % self.n_windows
         return self._batch(windows)
 
-    next_batch = __next__
-
     def iter_eval(self, max_batches: int | None = None, drop_last: bool = False):
         """Sequential windows 0, 1, 2, ... in global batches, this rank's block of each (as in training);
         independent of and not moving the training position. The last global batch may be partial, giving

@@ -42,13 +42,17 @@ def barrier() -> None:
         td.barrier()
 
 
-def mean(x: torch.Tensor) -> float:
-    """Average a scalar over ranks (for logging)."""
+def total(x: torch.Tensor) -> float:
+    """Sum a scalar over ranks."""
     if active():
         x = x.detach().clone()
         td.all_reduce(x, op=td.ReduceOp.SUM)
-        x /= td.get_world_size()
     return float(x)
+
+
+def mean(x: torch.Tensor) -> float:
+    """Average a scalar over ranks (for logging)."""
+    return total(x) / world_size()
 
 
 def any_true(flag: bool) -> bool:

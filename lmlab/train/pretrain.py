@@ -70,7 +70,7 @@ def evaluate_lm(model, loader, max_batches: int | None = None) -> dict:
         logits = model(x.to(model.device))
         total += F.cross_entropy(logits.float().flatten(0, 1), y.to(model.device).flatten(), reduction="sum").cpu()
         count += y.numel()
-    total, count = dist.mean(total) * dist.world_size(), dist.mean(count) * dist.world_size()
+    total, count = dist.total(total), dist.total(count)
     loss = total / max(count, 1)
     out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_tokens": int(count)}
     if loader.text_bytes:
