@@ -54,7 +54,8 @@ def _run_config(args):
         loaded = RunConfig.load_yaml(args.config).to_dict()
         for section in d:
             d[section].update(loaded.get(section, {}))
-    d["data"].update(source=args.data, tokenizer=args.tokenizer)
+    # flags given on the command line win over --config; unset ones keep the config's (or the default)
+    d["data"].update({k: v for k, v in (("source", args.data), ("tokenizer", args.tokenizer)) if v is not None})
     if args.max_minutes:
         d["train"]["max_minutes"] = args.max_minutes
     return RunConfig.from_dict(apply_overrides(d, args.set))
@@ -155,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_ = sub.add_parser("pretrain", help="pre-train a model on the built-in world or your text", formatter_class=fmt)
     p_.add_argument("--family", default="decoder", choices=["decoder"], help="model family")
     p_.add_argument("--preset", default="tiny", help="model preset (tiny, small, llama-50m, gpt2-124m, llama-1b, ...)")
-    p_.add_argument("--data", default="world", help="'world' or a .txt/.jsonl/.parquet file, folder or glob")
-    p_.add_argument("--tokenizer", default="train", help="'train' (on the data) or a tokenizer/model directory")
+    p_.add_argument("--data", default=None,
+                    help="'world' or a .txt/.jsonl/.parquet file, folder or glob (default: data.source, 'world')")
+    p_.add_argument("--tokenizer", default=None,
+                    help="'train' (on the data) or a tokenizer/model directory (default: data.tokenizer, 'train')")
     p_.add_argument("--out", default=None, help="run directory (default: runs/pretrain-PRESET)")
     p_.add_argument("--config", default=None, help="a YAML run config (model/train/data sections)")
     p_.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

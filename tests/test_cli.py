@@ -55,3 +55,10 @@ def test_text_in_text_out(hf_dirs):
     assert text == tok.decode(ids)
     assert lmlab.generate(model, tok, ["hello", "hi"], max_new_tokens=8)[0] == text
     assert "".join(lmlab.stream(model, tok, "hello", max_new_tokens=8)) == text
+
+
+def test_console_script():
+    from pathlib import Path
+    out = subprocess.run([str(Path(sys.executable).parent / "lmlab"), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "pretrain" in out.stdout and "tokenizer" in out.stdout

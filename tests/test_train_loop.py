@@ -202,3 +202,22 @@ def test_compiled_training_matches_eager(corpus, uninterrupted, tmp_path):
     assert [s for s, _ in compiled] == [1, 2, 3, 4]
     for (s, a), (_, b) in zip(compiled, eager[:3]):  # warmup: the same lr in both runs
         assert abs(a - b) <= 1e-4, (s, a, b)
+
+
+def test_config_file_data_source_is_kept(corpus, tmp_path):
+    """--config's data.source is used unless --data is given (the flag's default must not override it)."""
+    from lmlab.cli import _run_config, build_parser
+    config(corpus).save_yaml(tmp_path / "cfg.yaml")
+    args = build_parser().parse_args(["pretrain", "--config", str(tmp_path / "cfg.yaml")])
+    assert _run_config(args).data.source == str(corpus)
+    args = build_parser().parse_args(["pretrain", "--config", str(tmp_path / "cfg.yaml"), "--data", "world"])
+    assert _run_config(args).data.source == "world"
+    assert _run_config(build_parser().parse_args(["pretrain"])).data.source == "world"
+
+
+def test_pretrain_with_a_given_tokenizer(corpus, uninterrupted, tmp_path):
+    """data.tokenizer=DIR uses that tokenizer instead of training one."""
+    tok_dir = uninterrupted / "final"
+    pretrain.run(config(corpus, f"data.tokenizer={tok_dir}", "data.vocab_size=999", "train.max_steps=2"), tmp_path,
+                 show_progress=False)
+    assert (tmp_path / "final" / "tokenizer.json").read_text() == (tok_dir / "tokenizer.json").read_text()
