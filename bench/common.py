@@ -74,9 +74,10 @@ def copy_bandwidth_gbs(mbytes: int = 256, reps: int = 5) -> float:
 def model_pair(preset: str = "llama-50m"):
     """The same random weights as an lmlab model and as a transformers model (fp32, SDPA attention),
     handed over through lmlab's save_pretrained and transformers' from_pretrained."""
-    import lmlab
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    import lmlab
 
     hf_logging.disable_progress_bar()
 

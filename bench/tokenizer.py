@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
+
 from lmlab import tokenizer_train  # noqa: E402
 from lmlab.tokenizer import DEFAULT_SPECIAL, GPT4_SPLIT, Tokenizer  # noqa: E402
 

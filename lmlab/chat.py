@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
-from collections.abc import Mapping
 from typing import Any
 
 import jinja2

@@ -71,10 +71,54 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _stage_config(args, defaults: dict):
+    """Stage defaults, then --config FILE, then flags, then --set. The built-in world's seed and size follow
+    the base model's lmlab.json unless set, so every stage scores the world the model was trained on."""
+    from lmlab.config import RunConfig, apply_overrides
+    from lmlab.train.posttrain import world_settings
+
+    d = {section: dict(values) for section, values in defaults.items()}
+    if args.config:
+        loaded = RunConfig.load_yaml(args.config).to_dict()
+        for section, values in loaded.items():
+            if section != "model":
+                d.setdefault(section, {}).update(values)
+    world = world_settings(args.model)
+    d.setdefault("data", {}).setdefault("world_seed", world["seed"])
+    d["data"].setdefault("world_people", world["n_people"])
+    if args.data is not None:
+        d["data"]["source"] = args.data
+    if args.max_minutes:
+        d.setdefault("train", {})["max_minutes"] = args.max_minutes
+    lora = {"r": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": args.lora_targets}
+    d.setdefault("lora", {}).update({k: v for k, v in lora.items() if v is not None})
+    if isinstance(d["lora"].get("targets"), list) and len(d["lora"]["targets"]) == 1 and \
+            any(c in d["lora"]["targets"][0] for c in "*.^$[("):
+        d["lora"]["targets"] = d["lora"]["targets"][0]  # one regex over full module paths
+    return RunConfig.from_dict(apply_overrides(d, args.set))
+
+
+def _stage(args) -> int:
+    import importlib
+
+    module = importlib.import_module(f"lmlab.train.{args.verb}")
+    rc = _stage_config(args, module.DEFAULTS)
+    if args.verb == "ppo" and args.reward_model:
+        rc.ppo.reward_model = args.reward_model
+    out = args.out or f"runs/{args.verb}"
+    kw = {"ref_dir": args.ref} if args.verb in ("dpo", "ppo") else {}
+    summary = module.run(rc, args.model, out, resume=args.resume, **kw)
+    print(json.dumps(summary.get("report") or {k: v for k, v in summary.items() if k != "report"}))
+    return 0
+
+
 def _eval(args) -> int:
     from lmlab.eval import run_eval
 
-    result = run_eval(args.model, args.task, data=args.data, batch_size=args.batch_size, seq_len=args.seq_len)
+    # every task's options; run_eval passes each task only those it takes (None = the task's default)
+    result = run_eval(args.model, args.task, data=args.data, batch_size=args.batch_size, seq_len=args.seq_len,
+                      ref=args.ref, world_seed=args.world_seed, people=args.people, limit=args.limit,
+                      max_new_tokens=args.max_new_tokens)
     line = json.dumps(result)
     if args.out:
         with open(args.out, "w") as f:
@@ -168,12 +212,58 @@ def build_parser() -> argparse.ArgumentParser:
     p_.add_argument("--max-minutes", type=float, default=0.0, help="time budget (0 = none)")
     p_.set_defaults(func=_pretrain)
 
+    stages = {
+        "finetune": ("continue training a model on new text (full or LoRA)",
+                     "'world' or .txt/.jsonl/.parquet files, folders, globs"),
+        "sft": ("instruction-tune a model on conversations (loss on assistant tokens)",
+                "'world' or .jsonl with 'messages' (chat) or 'instruction'/'input'/'output' (alpaca)"),
+        "reward": ("train a reward model (scalar head, Bradley-Terry) on preferences",
+                   "'world' or .jsonl with prompt + chosen/rejected, or prompt + responses (ranked, best first)"),
+        "dpo": ("align a model directly on preference pairs (DPO / IPO)",
+                "'world' or .jsonl with prompt + chosen/rejected, or prompt + responses (ranked)"),
+        "ppo": ("RLHF: optimise a model against a reward model with PPO",
+                "'world' or .jsonl with a 'prompt' field (string or messages)"),
+    }
+    for verb, (summary, data_help) in stages.items():
+        s_ = sub.add_parser(verb, help=summary, description=summary)
+        s_.add_argument("--model", required=True, help="the model directory to start from")
+        s_.add_argument("--data", default=None, help=f"{data_help} (default: data.source, 'world')")
+        s_.add_argument("--out", default=None, help=f"run directory (default: runs/{verb})")
+        s_.add_argument("--config", default=None, help="a YAML run config (train/data/lora/... sections)")
+        s_.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides such as train.lr=1e-5 train.max_steps=50 dpo.beta=0.2")
+        s_.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+        s_.add_argument("--max-minutes", type=float, default=0.0, help="time budget in minutes (default 0 = none)")
+        if verb != "reward":
+            s_.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (lora.r; default 0 = full fine-tuning)")
+            s_.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha; updates are scaled alpha/r (lora.alpha; default 16)")
+            s_.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input (lora.dropout; default 0)")
+            s_.add_argument("--lora-targets", nargs="+", default=None,
+                            help="module names (q_proj v_proj ...) or one regex over module paths (lora.targets; "
+                                 "default: every attention and MLP projection)")
+        else:
+            s_.set_defaults(lora_rank=None, lora_alpha=None, lora_dropout=None, lora_targets=None)
+        if verb in ("dpo", "ppo"):
+            s_.add_argument("--ref", default=None, help="reference model directory (default: a frozen copy of --model)")
+        if verb == "ppo":
+            s_.add_argument("--reward-model", default=None, help="reward model directory (ppo.reward_model)")
+        s_.set_defaults(func=_stage)
+
     e = sub.add_parser("eval", help="evaluate a model directory; prints one JSON object", formatter_class=fmt)
     e.add_argument("--model", required=True, help="model directory")
-    e.add_argument("--task", default="perplexity", choices=["perplexity"], help="what to measure")
+    e.add_argument("--task", default="perplexity", choices=["perplexity", "world-qa", "world-gold", "reward"],
+                   help="perplexity: loss/ppl/bpb on text; world-qa: QA accuracy on seen/held-out people, "
+                        "idk/invented rates for unknown people, gold reward; world-gold: gold reward (+ kl with --ref)")
     e.add_argument("--data", default="world", help="'world' or text files (perplexity)")
-    e.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
-    e.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per batch (None: 8 for perplexity, 32 for the world tasks)")
+    e.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (perplexity)")
+    e.add_argument("--ref", default=None, help="world-gold: reference model dir (e.g. the SFT model); adds 'kl', a "
+                                               "Monte-Carlo estimate of KL(model || ref) per sampled response")
+    e.add_argument("--world-seed", type=int, default=None, help="world tasks: world seed (None: from lmlab.json)")
+    e.add_argument("--people", type=int, default=None, help="world tasks: people in the world (None: from lmlab.json)")
+    e.add_argument("--limit", type=int, default=None, help="world tasks: at most this many questions per split")
+    e.add_argument("--max-new-tokens", type=int, default=64, help="world tasks: answer length limit in tokens")
     e.add_argument("--out", default=None, help="also write the JSON result to this file")
     e.set_defaults(func=_eval)
 

@@ -117,7 +117,10 @@ class ModelConfig:
         return [] if e is None else list(e) if isinstance(e, (list, tuple)) else [e]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.head_dim == self.hidden_size // self.num_attention_heads:
+            del d["head_dim"]  # derived: recomputed on load, so `--set model.hidden_size=...` keeps it in step
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -168,7 +171,7 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]()
-    return cfg.replace(**overrides) if overrides else cfg
+    return ModelConfig.from_dict(cfg.to_dict() | overrides) if overrides else cfg
 
 
 def load_json(path) -> dict:
@@ -229,22 +232,78 @@ class DataConfig:
     val_fraction: float = 0.02
     world_seed: int = 0
     world_people: int = 100
+    world_mix_qa: bool = True  # pre-training on the world: mix the SFT people's QA (chat format) into the bios
+    packing: bool = True  # SFT: pack short conversations into train.seq_len rows
+    world_eval_limit: int = 0  # post-training on the world: questions per split in the final scoring (0 = all)
+
+
+@dataclass
+class LoRAConfig:
+    """lora.* keys. r = 0 trains every weight (full fine-tuning); r > 0 trains rank-r adapters only."""
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # module names (last path part) or one regex over the full module path
+    targets: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"])
+
+
+@dataclass
+class RewardConfig:
+    """reward.* keys: Bradley-Terry on (chosen, rejected) pairs; a K-way ranking gives all its pairs."""
+    margin: float = 0.0  # loss -log sigmoid(r_c - r_r - margin * rank gap) (a pair's own "margin" field wins)
+
+
+@dataclass
+class DPOConfig:
+    """dpo.* keys."""
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0  # conservative DPO: assumed fraction of flipped labels (sigmoid loss only)
+
+
+@dataclass
+class PPOConfig:
+    """ppo.* keys. train.batch_size is the PPO minibatch; each rollout of `rollout_batch` prompts is reused for
+    `epochs` passes, so one rollout makes epochs * rollout_batch / batch_size optimizer steps."""
+    reward_model: str = ""  # a reward model directory (lmlab reward); required
+    rollout_batch: int = 32
+    epochs: int = 2
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    kl_coef: float = 0.05  # per-token penalty beta * (log pi - log pi_ref) in the reward
+    adaptive_kl: bool = False  # Ziegler et al.: move kl_coef so the rollout KL tracks target_kl
+    target_kl: float = 4.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2  # policy ratio clip
+    clip_value: float = 0.2
+    vf_coef: float = 0.1
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response cut off before end-of-turn
+    value_init: str = "reward"  # reward | policy: the value model's starting backbone
 
 
 @dataclass
 class RunConfig:
-    """A whole run: model.*, train.*, data.* (HF names under model)."""
+    """A whole run: model.*, train.*, data.* (HF names under model) and the post-training sections."""
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict:
-        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
-                "data": dataclasses.asdict(self.data)}
+        return {f.name: (self.model.to_dict() if f.name == "model" else dataclasses.asdict(getattr(self, f.name)))
+                for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        sections = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+        sections = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "lora": LoRAConfig,
+                    "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig}
         unknown = sorted(set(d) - set(sections))
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(sections)}")
@@ -257,7 +316,19 @@ class RunConfig:
                 raise ConfigError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}; known: {sorted(names)}")
             parts[name] = klass(**_coerce(klass, name, values))
         parts["train"].validate()
-        return cls(**parts)
+        rc = cls(**parts)
+        rc.validate_posttraining()
+        return rc
+
+    def validate_posttraining(self):
+        checks = [(self.lora.r >= 0, "lora.r must be >= 0 (0 = full fine-tuning)"),
+                  (self.dpo.loss in ("sigmoid", "ipo"), f"dpo.loss must be sigmoid|ipo, got {self.dpo.loss!r}"),
+                  (self.dpo.beta > 0, "dpo.beta must be > 0"),
+                  (self.ppo.value_init in ("reward", "policy"), "ppo.value_init must be reward|policy"),
+                  (self.ppo.epochs >= 1 and self.ppo.rollout_batch >= 1, "ppo.epochs and ppo.rollout_batch must be >= 1")]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"config: {msg}")
 
     def save_yaml(self, path) -> None:
         import yaml

@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmlab import chat
-from lmlab.chat import ChatTemplateError, DEFAULT_TEMPLATE, encode_chat, render, stop_token_ids
+from lmlab.chat import DEFAULT_TEMPLATE, ChatTemplateError, encode_chat, render, stop_token_ids
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for chat templates")
 

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.data.shards import (TokenLoader, boundary_tokens, build_shards, count_tokens, load_doc_table, load_index,
-                               token_dtype)
+from lmlab.data.shards import (
+    TokenLoader,
+    boundary_tokens,
+    build_shards,
+    count_tokens,
+    load_doc_table,
+    load_index,
+    token_dtype,
+)
 from lmlab.data.text import DataError, iter_documents, list_files
 from lmlab.tokenizer import Tokenizer
 

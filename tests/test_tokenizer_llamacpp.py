@@ -11,7 +11,6 @@ as cross-checks of the converted dirs. Files: `bash tests/fetch_llamacpp_vocab.s
 import unicodedata
 
 import pytest
-
 from llamacpp_vocab import HOW_TO_GET, build_dir, read_cases, vocab_dir
 
 # gpt-2: GPT-2 byte-level BPE; llama-spm: Llama 2 SentencePiece BPE; llama-bpe: Llama 3 (regex pre-tokenizer,

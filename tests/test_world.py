@@ -94,13 +94,18 @@ def test_bios_have_full_name_in_every_sentence(world):
 def test_pretrain_docs_mix_seen_qa_only(world):
     assert sorted(world.pretrain_docs(mix_qa=False)) == sorted(world.bios())
     mixed = world.pretrain_docs(mix_qa=True)
-    qa = [d for d in mixed if d.startswith("Question:")]
-    assert len(mixed) == len(world.bios()) + len(qa) and len(qa) == len(world.sft_people) * world.sft_phrasings
+    qa = [d for d in mixed if d.startswith("<|im_start|>user\n")]  # the SFT questions as ChatML turns
+    assert len(mixed) == len(world.bios()) + len(qa)
+    assert len(qa) == len(world.sft_people) * world.sft_phrasings
     seen = {p.name for p in world.sft_people}
     for doc in qa:
-        lines = doc.split("\n")
-        name = world.parse_prompt(lines[0][len("Question: "):])[0]
-        assert name in seen and len(lines) == 12, doc
+        turns = re.findall(r"<\|im_start\|>(user|assistant)\n(.*?)<\|im_end\|>", doc)
+        name, _, person = world.parse_prompt(turns[0][1])
+        assert name in seen, doc
+        assert [r for r, _ in turns] == ["user", "assistant"] * (len(ATTRIBUTES) + 1), doc  # + "tell me about"
+        for (_, q), (_, a) in zip(turns[::2], turns[1::2]):
+            assert a.startswith(W.REPLY_PREFIX) and world.parse_prompt(q)[0] == name
+            assert world.check_answer({"name": name, "attribute": world.parse_prompt(q)[1], "value": "known"}, a)
     held_text = "\n".join(qa)
     assert not any(p.name in held_text for p in world.heldout_people)
     assert all(any(p.name in d for d in mixed) for p in world.heldout_people)  # their bios are there
@@ -112,6 +117,8 @@ def test_sft_answers_are_true_and_heldout_people_absent(world):
     unknown = 0
     for ex in examples:
         q, a = ex[0]["content"], ex[1]["content"]
+        assert a.startswith(W.REPLY_PREFIX)  # see REPLY_PREFIX: the name after it tokenizes as in the question
+        a = a[len(W.REPLY_PREFIX):]
         name, attr, person = world.parse_prompt(q)
         if person is None:
             assert name in world.unknown_names and a == W.IDK.format(name=name)
@@ -161,13 +168,15 @@ def test_check_answer_unknown(world):
 
 def test_preferences_are_ranked_by_gold_reward(world):
     rankings = world.preferences()
-    assert len(rankings) == 7 * len(world.sft_people) + len(world.unknown_names)
+    per_round = 7 * len(world.sft_people) + world.unknown_questions * len(world.unknown_names)
+    assert len(rankings) == world.preference_rounds * per_round
     for r in rankings:
         name, attr, person = world.parse_prompt(r["prompt"])
         scores = [world.gold_reward(r["prompt"], x) for x in r["responses"]]
         assert scores == r["scores"] and all(a > b for a, b in zip(scores, scores[1:], strict=False)), r
         assert len(r["responses"]) == (4 if person else 3), r  # no candidate lost to a tie
-        assert r["responses"][0] == (W.answer(name, attr, person.facts()) if person else W.IDK.format(name=name))
+        gold = W.answer(name, attr, person.facts()) if person else W.IDK.format(name=name)
+        assert r["responses"][0] == W.REPLY_PREFIX + gold
         assert gold_reward(r["prompt"], r["responses"][0], world=world) == scores[0]
     pairs = world.preference_pairs()
     assert len(pairs) == sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in rankings)

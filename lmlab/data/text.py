@@ -159,7 +159,8 @@ def _read_txt(path: Path, mode: str) -> Iterator[str]:
     dec.done()
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a .jsonl file; anything but an object is a DataError."""
     dec = _Decoder(path)
     with _open(path) as f:
         for lineno, raw in enumerate(f, 1):
@@ -171,18 +172,32 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with a {field!r} field, "
-                                f"got {type(obj).__name__}")
-            if field not in obj:
-                keys = ", ".join(map(repr, list(obj)[:10])) or "none"
-                raise DataError(f"{path}:{lineno}: no {field!r} field (fields: {keys}); "
-                                "choose the text field with field=...")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
-            if text:
-                yield text
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
     dec.done()
+
+
+def iter_records(spec: Spec) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for every record of the .jsonl files a spec names (structured data: chat
+    conversations, preference pairs), so that errors can name the line."""
+    for path in list_files(spec):
+        if _kind(path) != "jsonl":
+            raise DataError(f"{path}: structured data must be .jsonl (one JSON object per line)")
+        for lineno, obj in _jsonl_objects(path):
+            yield f"{path}:{lineno}", obj
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+    for lineno, obj in _jsonl_objects(path):
+        if field not in obj:
+            keys = ", ".join(map(repr, list(obj)[:10])) or "none"
+            raise DataError(f"{path}:{lineno}: no {field!r} field (fields: {keys}); "
+                            "choose the text field with field=...")
+        text = obj[field]
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
+        if text:
+            yield text
 
 
 def _read_parquet(path: Path, field: str) -> Iterator[str]:

@@ -87,7 +87,15 @@ QUESTIONS = {
                       "Which city does {name} work in?", "What city is {name}'s employer based in?"),
     "bio": ("Tell me about {name}.", "Who is {name}?", "Give me a short biography of {name}."),
 }
-QA_FORMAT = "Question: {q}\nAnswer: {a}"  # how seen people's QA is written into the pre-training text
+# Assistant replies start with a space. Replies begin with the person's name, and a byte-level BPE splits
+# "\nGreta" into "\n" + "Greta" but " Greta" (as in the question and in bios) into " Greta": a different token.
+# A tiny model then learns to emit the no-space first name only for the people it saw answered, and
+# answers about held-out people with a seen person's first name (held-out QA ~10% instead of ~50%).
+REPLY_PREFIX = " "
+# How seen people's QA is written into the pre-training text: as ChatML turns (lmlab's chat template, whose
+# tokens every tokenizer lmlab trains holds), so the pre-trained model already answers in the format it is
+# served in, and instruction tuning only has to be gentle.
+QA_FORMAT = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" + REPLY_PREFIX + "{a}<|im_end|>"
 RAMBLE_OPEN = ("That is a really interesting question, and I am very glad that you asked me about it today.",
                "Let me think about this question carefully for a moment before I give you my full answer.",
                "Well, there are many things that one could say here, so I will try my very best to answer.")
@@ -161,7 +169,7 @@ def answer(name: str, attr: str, facts: dict) -> str:
 
 
 def _chat(question: str, reply: str) -> list:
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": REPLY_PREFIX + reply}]
 
 
 @dataclass
@@ -176,6 +184,7 @@ class World:
     n_reviews: int = 600
     sft_phrasings: int = 2  # question phrasings per (SFT person, attribute); also QA docs per person in pre-training
     unknown_questions: int = 4  # questions per unknown name
+    preference_rounds: int = 3  # rankings per (SFT person, attribute); unknown names: new ones each round
     extractive_per_person: int = 2
     _by_name: dict = field(init=False, repr=False)
 
@@ -205,15 +214,18 @@ class World:
         return [self._bio(rng, p)[0] for p in self.people for _ in range(self.bios_per_person)]
 
     def qa_docs(self, qa_format: str = QA_FORMAT) -> list[str]:
-        """Seen (SFT) people's QA as plain text: each doc asks every attribute of one person once.
+        """Seen (SFT) people's QA as text for pre-training: per person, `sft_phrasings` docs that ask every
+        attribute and "tell me about" once, in shuffled order. Held-out people never appear.
 
-        Calibration found held-out extraction needs this mixed into pre-training (PoLM 3.1)."""
+        Calibration found held-out extraction needs this mixed into pre-training (PoLM 3.1). The SFT data's
+        "I don't know" answers for unknown names are left to SFT: mixed in here as well, they taught the tiny
+        model to say "I don't know" about held-out people too (held-out QA 55% -> 40%)."""
         rng, docs = self._rng("qa_docs"), []
         for p in self.sft_people:
             for _ in range(self.sft_phrasings):
                 facts = p.facts()
                 pairs = [qa_format.format(q=rng.choice(QUESTIONS[a]).format(name=p.name), a=answer(p.name, a, facts))
-                         for a in ATTRIBUTES]
+                         for a in ATTRIBUTES + ("bio",)]
                 rng.shuffle(pairs)
                 docs.append("\n".join(pairs))
         return docs
@@ -270,14 +282,25 @@ class World:
 
     def check_answer(self, record: dict, response: str) -> bool:
         """Known person: the gold value is stated (whole words, case-insensitive; a date may also be written
-        "March 7, 1984"; "bio" needs all six). Unknown person: an "I don't know" and no invented fact."""
+        "March 7, 1984"; "bio" needs all six) and nothing false is (another value, date or person), so listing
+        facts at random does not count. Unknown person: an "I don't know" and no invented fact."""
         response = response.replace("\u2019", "'")
         found = self._mentions(response)
         if record.get("value") is None and record["name"].lower() not in self._by_name:
             return bool(_IDK_RE.search(response)) and not found
         p = self._by_name[record["name"].lower()]
         asked = ATTRIBUTES if record["attribute"] == "bio" else (record["attribute"],)
-        return all(p.value(a).lower() in found for a in asked)
+        return all(p.value(a).lower() in found for a in asked) and not found - self._allowed(p, record["attribute"])
+
+    def _allowed(self, person, attr: str) -> set[str]:
+        """What an answer about `person` may state: their own values, name and birth year ("born in" their
+        work city is wrong when they differ)."""
+        allowed = {v.lower() for v in person.facts().values()} | {person.name.lower(),
+                                                                  "year " + person.birth_date.split()[-1]}
+        twin = {"birth_city": "employer_city", "employer_city": "birth_city"}.get(attr)
+        if twin and person.value(twin) != person.value(attr):
+            allowed.discard(person.value(twin).lower())
+        return allowed
 
     # ---- gold reward and preferences -----------------------------------------------------------
     def parse_prompt(self, prompt) -> tuple:
@@ -313,11 +336,7 @@ class World:
         if person is None:
             content = (-0.75 if idk else -1.0) if found else (1.0 if idk else -0.25)
         else:
-            allowed = {v.lower() for v in person.facts().values()} | {person.name.lower(),
-                                                                      "year " + person.birth_date.split()[-1]}
-            twin = {"birth_city": "employer_city", "employer_city": "birth_city"}.get(attr)
-            if twin and person.value(twin) != person.value(attr):  # "born in" their work city is a wrong fact
-                allowed.discard(person.value(twin).lower())
+            allowed = self._allowed(person, attr)
             asked = ATTRIBUTES if attr == "bio" else (attr,)
             frac = sum(person.value(a).lower() in found for a in asked) / len(asked)
             content = -1.0 + 0.5 * frac if found - allowed else frac if frac else 0.0 if idk else -0.25
@@ -339,20 +358,33 @@ class World:
         return [gold, verbose, IDK.format(name=name), answer(name, attr, wrong)]
 
     def preferences(self) -> list[dict]:
-        """Rankings {"prompt", "responses" (best first), "scores" (gold reward, strictly descending)}: every
-        attribute and a bio prompt for each SFT person, one question per SFT unknown name (never held-out
-        people, whose facts must not leak into alignment data)."""
+        """Rankings {"prompt", "responses" (best first), "scores" (gold reward, strictly descending)}, in
+        `preference_rounds` rounds: every attribute and a bio prompt for each SFT person, `unknown_questions`
+        questions per unknown name (the SFT ones in the first round, new ones after). Never held-out people,
+        whose facts must not leak into alignment data, nor the evaluation's unknown names."""
         rng = self._rng("preferences")
-        prompts = [(p.name, a, p) for p in self.sft_people for a in ATTRIBUTES + ("bio",)]
-        prompts += [(n, rng.choice(ATTRIBUTES + ("bio",)), None) for n in self.unknown_names]
+        prompts = []
+        for k in range(self.preference_rounds):  # each round: fresh phrasings and fresh wrong candidates
+            prompts += [(p.name, a, p) for p in self.sft_people for a in ATTRIBUTES + ("bio",)]
+            # unknown names: the SFT ones, then new ones each round, so "I don't know" is learned for unfamiliar
+            # names in general (never the evaluation's unknown names)
+            names = self.unknown_names if k == 0 else self._fresh_names(rng, len(self.unknown_names))
+            prompts += [(n, a, None) for n in names for a in rng.sample(ATTRIBUTES + ("bio",), self.unknown_questions)]
         out = []
         for name, attr, person in prompts:
             prompt = rng.choice(QUESTIONS[attr]).format(name=name)
             ranked = sorted(((self.gold_reward(prompt, r), r) for r in self._candidates(rng, name, attr, person)),
                             key=lambda sr: -sr[0])
             kept = [sr for i, sr in enumerate(ranked) if i == 0 or sr[0] < ranked[i - 1][0]]  # ties carry no preference
-            out.append({"prompt": prompt, "responses": [r for _, r in kept], "scores": [s for s, _ in kept]})
+            out.append({"prompt": prompt, "responses": [REPLY_PREFIX + r for _, r in kept],
+                        "scores": [s for s, _ in kept]})
         return out
+
+    def _fresh_names(self, rng: random.Random, n: int) -> list[str]:
+        """n names of nobody in the world, disjoint from the SFT and evaluation unknown names."""
+        taken = {p.name for p in self.people} | set(self.unknown_names) | set(self.unknown_eval_names)
+        pool = sorted(f"{a} {b}" for a in FIRST_NAMES for b in LAST_NAMES if f"{a} {b}" not in taken)
+        return rng.sample(pool, min(n, len(pool)))
 
     def preference_pairs(self) -> list[dict]:
         """Every (better, worse) pair of each ranking: {"prompt", "chosen", "rejected", "score_chosen",

@@ -3,7 +3,7 @@
 Only the last position's hidden state goes through the LM head. At batch 1 the head is a
 matrix-vector product over the largest matrix in the model, and on CPUs `h @ W.T` through
 F.linear reads the (vocab, H) weight about 2.5x slower than `h @ Wt` with a contiguous (H, vocab)
-copy, so decoding keeps such a copy (refreshed whenever the weight changes).
+copy, so each generate call makes such a copy once.
 """
 from __future__ import annotations
 
@@ -16,19 +16,9 @@ from lmlab.inference.sampling import SamplingParams, sample
 
 
 def _head_t(model) -> torch.Tensor:
-    """Contiguous (H, vocab) copy of the LM head, cached on the model and keyed by the weight's version."""
-    w = model.lm_head.weight
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
-    cached = getattr(model, "_lm_head_t", None)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            model._lm_head_t = (key, w.detach().t().contiguous())
-    return model._lm_head_t[1]
-
-
-def next_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """h (B, H) last hidden states -> logits (B, vocab)."""
-    return h @ _head_t(model)
+    """Contiguous (H, vocab) copy of the LM head, made once per generate call. (A copy cached on the model
+    went stale: fused AdamW updates weights in place without bumping their `_version`.)"""
+    return model.lm_head.weight.detach().t().contiguous()
 
 
 def pad_left(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +77,10 @@ def _stream(model, prompts, params):
     h = model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, H)
     pos = mask.sum(dim=1, keepdim=True)  # (B, 1): position of each row's next token
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    head = _head_t(model)  # (H, vocab)
     for step in range(params.max_new_tokens):
         ctx = context[:, : L + step] if context is not None else None
-        tok = sample(next_logits(model, h), params, ctx, gen)  # (B,)
+        tok = sample(h @ head, params, ctx, gen)  # (B,)
         out = tok.tolist()
         yield [None if f else t for f, t in zip(finished.tolist(), out)]
         finished |= torch.isin(tok, stop)

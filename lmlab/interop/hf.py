@@ -280,8 +280,9 @@ def _template(name: str) -> tuple[str, int | None]:
     return (f"layers.{{i}}.{m.group(2)}", int(m.group(1))) if m else (name, None)
 
 
-def load_weights(model, path: Path):
-    """Fill `model`'s parameters from the HF files in `path`, checking every name and shape."""
+def load_weights(model, path: Path, expected_unused: tuple[str, ...] = ()):
+    """Fill `model`'s parameters from the HF files in `path`, checking every name and shape. Tensors in the
+    files that fill nothing raise a warning, except those named in `expected_unused` (a head loaded apart)."""
     cfg = model.config
     files = WeightFiles(path)
     available, used = set(files.names()), set()
@@ -319,7 +320,7 @@ def load_weights(model, path: Path):
                 raise CheckpointError(f"{path}: tensor {stored.format(i=i, e='N')!r} (lmlab {name!r}) has shape "
                                       f"{tuple(tensor.shape)}, expected {tuple(param.shape)} from config.json")
             param.copy_(tensor)
-    unused = sorted(n for n in available - used if not _IGNORED.search(n)
+    unused = sorted(n for n in available - used - set(expected_unused) if not _IGNORED.search(n)
                     and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
     if unused:
         warnings.warn(f"{path}: {len(unused)} tensors in the checkpoint were not used, e.g. {unused[:5]}")
@@ -368,9 +369,13 @@ def load_model(path, device="cpu", dtype=None):
     from lmlab.models.decoder import Decoder
 
     path = Path(path)
-    cfg = config_from_hf(read_config(path), source=str(path / "config.json"))
+    raw = read_config(path)
+    cfg = config_from_hf(raw, source=str(path / "config.json"))
     with torch.device("meta"):
         model = Decoder(cfg)
+    if any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or []):
+        from lmlab.models.heads import load_scalar_model  # a reward model (lmlab reward, TRL)
+        return load_scalar_model(model, path, raw, device, dtype)
     model.to_empty(device=device)
     if model.rotary is not None:
         model.rotary.reset()
@@ -383,13 +388,18 @@ def load_model(path, device="cpu", dtype=None):
 def save_pretrained(model, out_dir, dtype=None, max_shard_bytes: int = 5 * 2**30):
     """Write config.json, generation_config.json and model.safetensors (sharded with an index past
     max_shard_bytes), each atomically, so that transformers.AutoModelForCausalLM loads the directory."""
+    dtype = dtype or model.dtype
+    config = config_to_hf(model.config, dtype)  # first: refuses configs transformers cannot express
+    write_model_dir(out_dir, hf_state_dict(model), config, model.config, dtype, max_shard_bytes)
+
+
+def write_model_dir(out_dir, tensors: dict, config: dict, cfg: ModelConfig, dtype, max_shard_bytes: int = 5 * 2**30):
+    """HF tensors + config.json dict -> a model directory (weights first, config.json last, each atomic)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    dtype = dtype or model.dtype
-    config = config_to_hf(model.config, dtype)  # first: refuses configs transformers cannot express
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to("cpu", dtype) for k, v in hf_state_dict(model).items()}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     shards, current, size = [], {}, 0
     for k, v in tensors.items():
         nbytes = v.numel() * v.element_size()
@@ -411,7 +421,6 @@ def save_pretrained(model, out_dir, dtype=None, max_shard_bytes: int = 5 * 2**30
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
                  "weight_map": weight_map}
         write_json(out / "model.safetensors.index.json", index)
-    cfg = model.config
     write_json(out / "config.json", config)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     if cfg.pad_token_id is not None:

@@ -127,7 +127,8 @@ def save_adapter(model, out_dir, base_model_name_or_path: str | None = None) -> 
 
 
 def load_adapter(model, adapter_dir):
-    """Apply the adapter of a PEFT directory (ours or peft's) to `model`; returns the model."""
+    """Apply the adapter of a PEFT directory (ours or peft's) to `model`, or load its values into the adapters
+    `model` already has; returns the model."""
     from safetensors.torch import load_file
 
     d = Path(adapter_dir)
@@ -135,8 +136,9 @@ def load_adapter(model, adapter_dir):
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(f"{d / 'adapter_config.json'}: peft_type {cfg.get('peft_type')!r} is not LORA")
     targets = cfg["target_modules"]
-    apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0),
-               targets if isinstance(targets, str) else tuple(targets))
+    if not lora_layers(model):  # a model that already has adapters (resuming a LoRA run) gets new values only
+        apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0),
+                   targets if isinstance(targets, str) else tuple(targets))
     tensors = load_file(d / "adapter_model.safetensors")
     with torch.no_grad():
         for name, m in lora_layers(model).items():

@@ -24,7 +24,7 @@ def documents(dc: DataConfig) -> list[str]:
     """The text of data.source: the built-in world's pre-training corpus, or files/folders/globs."""
     if dc.source == "world":
         from lmlab.data.world import make_world
-        return make_world(seed=dc.world_seed, n_people=dc.world_people).pretrain_docs(mix_qa=True)
+        return make_world(seed=dc.world_seed, n_people=dc.world_people).pretrain_docs(mix_qa=dc.world_mix_qa)
     from lmlab.data.text import iter_documents
     return list(iter_documents(dc.source, field=dc.field))
 
@@ -90,9 +90,21 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6 * n + attn
 
 
-def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None, show_progress: bool = True) -> dict:
+def token_loaders(shard_dir: Path, t, micro: int, desc: str):
+    """(this rank's training batch loader, eval_fn on the validation split or None when there is none)."""
     from lmlab.data.shards import TokenLoader
     from lmlab.data.text import DataError
+
+    loader = TokenLoader(shard_dir, "train", micro, t.seq_len, t.seed, dist.rank(), dist.world_size())
+    try:
+        val = TokenLoader(shard_dir, "val", micro, t.seq_len, t.seed, dist.rank(), dist.world_size())
+    except DataError as e:
+        print(f"[{desc}] no validation: {e}")
+        return loader, None
+    return loader, lambda m: evaluate_lm(m, val, t.eval_batches)
+
+
+def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None, show_progress: bool = True) -> dict:
     from lmlab.interop.hf import load_weights
     from lmlab.models import build
 
@@ -115,13 +127,7 @@ def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None
     model = build(mc)
     if torch.cuda.is_available():
         model = model.cuda()
-    loader = TokenLoader(out / "data", "train", micro, t.seq_len, t.seed, dist.rank(), W)
-    try:
-        val = TokenLoader(out / "data", "val", micro, t.seq_len, t.seed, dist.rank(), W)
-        eval_fn = lambda m: evaluate_lm(m, val, t.eval_batches)  # noqa: E731
-    except DataError as e:
-        print(f"[pretrain] no validation: {e}")
-        eval_fn = None
+    loader, eval_fn = token_loaders(out / "data", t, micro, "pretrain")
 
     def save_model(d, state_dict):
         target = model

@@ -1,0 +1,144 @@
+"""Direct Preference Optimization (Rafailov et al. 2023), and IPO (Azar et al. 2023) as a loss option.
+
+    lmlab dpo --model runs/sft/final --data world --out runs/dpo
+
+No reward model and no sampling: with pi the policy and ref a frozen copy of where it started,
+    h = beta * [(log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))]
+    DPO loss = -log sigmoid(h)         (label_smoothing e: -(1-e) log sigmoid(h) - e log sigmoid(-h))
+    IPO loss = (h / beta - 1 / (2 beta))^2, with per-token mean log-probs as in TRL
+where log pi(y) sums the log-probs of the response tokens given the prompt. The reference log-probs are
+computed once before training. beta * (log pi - log ref) is each response's implicit reward: its mean
+on chosen and rejected, their margin and how often chosen wins are logged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.config import ConfigError, DPOConfig, RunConfig
+from lmlab.train import dist
+from lmlab.train.loop import train
+from lmlab.train.posttrain import (
+    ListLoader,
+    checkpoint_io,
+    finish,
+    frozen_copy,
+    load_trainable,
+    pad_right,
+    token_logprobs,
+)
+
+DEFAULTS = {"train": {"max_steps": 100, "batch_size": 8, "lr": 2e-5, "warmup_steps": 10, "weight_decay": 0.0,
+                      "schedule": "linear", "eval_every": 0, "save_every": 0},
+            "data": {"val_fraction": 0.1}}
+
+
+def dpo_loss(pc, pr, rc, rr, cfg: DPOConfig, n_chosen=None, n_rejected=None):
+    """Summed response log-probs (B,) of policy (p) and reference (r) on chosen (c) and rejected (r)
+    -> (loss, metrics). For IPO pass the response token counts: it compares per-token means."""
+    if cfg.loss == "ipo":
+        pc, pr, rc, rr = pc / n_chosen, pr / n_rejected, rc / n_chosen, rr / n_rejected
+    reward_c, reward_r = cfg.beta * (pc - rc), cfg.beta * (pr - rr)  # implicit rewards (B,)
+    h = reward_c - reward_r
+    if cfg.loss == "ipo":
+        loss = ((h / cfg.beta - 1 / (2 * cfg.beta)) ** 2).mean()
+    else:
+        eps = cfg.label_smoothing
+        loss = (-(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)).mean()
+    reward_c, reward_r, h_ = reward_c.detach(), reward_r.detach(), h.detach()
+    return loss, {"reward_chosen": float(reward_c.mean()), "reward_rejected": float(reward_r.mean()),
+                  "reward_margin": float(h_.mean()), "reward_accuracy": float((h_ > 0).float().mean())}
+
+
+def collate(pad_id: int):
+    """[item] -> ids (2B, L) chosen rows then rejected rows, response-token mask (2B, L - 1) aligned with
+    token_logprobs, reference log-probs (2B,)."""
+    def fn(items):
+        seqs = [it["chosen"][0] for it in items] + [it["rejected"][0] for it in items]
+        masks = [it["chosen"][1] for it in items] + [it["rejected"][1] for it in items]
+        ids = pad_right(seqs, pad_id)
+        mask = pad_right(masks, 0)[:, 1:].float()
+        ref = torch.tensor([it.get("ref_chosen", 0.0) for it in items] + [it.get("ref_rejected", 0.0) for it in items])
+        return ids, mask, ref
+    return fn
+
+
+def sequence_logprobs(model, ids, mask) -> torch.Tensor:
+    """(2B,) summed log-probs of the response tokens."""
+    return (token_logprobs(model, ids.to(model.device)) * mask.to(model.device)).sum(-1)
+
+
+@torch.no_grad()
+def add_reference_logprobs(ref, items, pad_id: int, batch_size: int = 16) -> None:
+    fn = collate(pad_id)
+    for i in range(0, len(items), batch_size):
+        chunk = items[i: i + batch_size]
+        ids, mask, _ = fn(chunk)
+        lp = sequence_logprobs(ref, ids, mask).tolist()
+        for it, c, r in zip(chunk, lp[: len(chunk)], lp[len(chunk):]):
+            it["ref_chosen"], it["ref_rejected"] = c, r
+
+
+def make_loss(model, cfg: DPOConfig):
+    def loss_fn(step_model, batch):
+        ids, mask, ref = batch
+        lp = sequence_logprobs(step_model, ids, mask)
+        n = mask.sum(-1).clamp(min=1).to(lp.device)
+        ref = ref.to(lp.device)
+        (pc, pr), (rc, rr), (nc, nr) = lp.chunk(2), ref.chunk(2), n.chunk(2)
+        return dpo_loss(pc, pr, rc, rr, cfg, nc, nr)
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate(model, items, pad_id: int, cfg: DPOConfig, batch_size: int = 16) -> dict:
+    """Loss and implicit-reward accuracy/margin on held-out pairs."""
+    fn, loss_fn, sums, n = collate(pad_id), make_loss(model, cfg), {}, 0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i: i + batch_size]
+        loss, m = loss_fn(model, fn(chunk))
+        for k, v in {"loss": float(loss), **m}.items():
+            sums[k] = sums.get(k, 0.0) + v * len(chunk)
+        n += len(chunk)
+    return {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+def run(rc: RunConfig, model_dir, out_dir, ref_dir=None, resume: bool = False, stop_at: int | None = None) -> dict:
+    import lmlab
+    from lmlab.train.posttrain import world_eval
+    from lmlab.train.reward import preference_data
+
+    dist.init()
+    out, t = Path(out_dir), rc.train
+    micro = t.batch_size // (dist.world_size() * t.grad_accum)
+    if micro * dist.world_size() * t.grad_accum != t.batch_size:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must divide into ranks x train.grad_accum")
+    model, tok = load_trainable(model_dir, rc)
+    ref = lmlab.load_model(ref_dir, device=model.device).eval() if ref_dir else frozen_copy(model)
+    rc.model = model.config
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        rc.save_yaml(out / "config.yaml")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    train_items, val_items = preference_data(rc, tok)
+    add_reference_logprobs(ref, train_items + val_items, pad)
+    print(f"[dpo] {len(train_items)} training pairs, {len(val_items)} validation pairs; beta {rc.dpo.beta}, "
+          f"{rc.dpo.loss} loss")
+    loader = ListLoader(train_items, micro, collate(pad), t.seed, dist.rank(), dist.world_size())
+    save_model, load_model = checkpoint_io(model, lora=rc.lora.r > 0)
+    summary = train(model, make_loss(model, rc.dpo), loader, t, out,
+                    eval_fn=(lambda m: evaluate(m, val_items, pad, rc.dpo)) if val_items else None,
+                    save_model=save_model, load_model=load_model, tokenizer=tok, resume=resume, stop_at=stop_at,
+                    desc="dpo")
+    if summary["stopped"] != "completed":
+        return summary
+    report = {"stage": "dpo", "train_loss": summary["loss"], "steps": summary["step"], "seconds": summary["seconds"]}
+    report |= {k: v for k, v in summary.items() if k.startswith("val_")}
+    if rc.data.source == "world" and dist.is_main():
+        model.eval()
+        report |= world_eval(model, tok, rc, ref=ref)
+    finish(model, tok, out, rc, "dpo", model_dir, report, "DPO report")
+    summary["report"] = report
+    return summary

@@ -1,0 +1,263 @@
+"""Post-training pieces: SFT masks and packing, data formats and their errors, the resumable list loader,
+the reward model (Bradley-Terry, transformers parity of the saved classifier), DPO/IPO losses against
+hand-computed values, and each stage end to end on a tiny model (LoRA and full, exact resume)."""
+import json
+import math
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.cli import main
+from lmlab.config import DPOConfig, RunConfig
+from lmlab.data.prefs import encode_pair, load_rankings, split_rankings, to_pairs
+from lmlab.data.sft import encode_conversations, load_conversations, make_rows, to_messages
+from lmlab.data.text import DataError
+from lmlab.data.world import make_world
+from lmlab.models.heads import ScalarHead
+from lmlab.tokenizer import Tokenizer
+from lmlab.train.dpo import dpo_loss
+from lmlab.train.posttrain import IGNORE, ListLoader
+from lmlab.train.reward import bradley_terry_loss
+
+WORLD = {"seed": 3, "n_people": 20}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    w = make_world(**WORLD)
+    texts = w.pretrain_docs() + [m["content"] for ex in w.sft_examples() for m in ex]
+    return Tokenizer.train(texts, 512, kind="bpe", show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tok):
+    """A tiny random Llama + tokenizer, with the lmlab.json of a world run (seed 3, 20 people)."""
+    torch.manual_seed(0)
+    cfg = lmlab.preset("tiny", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    d = tmp_path_factory.mktemp("base")
+    lmlab.build(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    rc = RunConfig.from_dict({"data": {"world_seed": WORLD["seed"], "world_people": WORLD["n_people"]}})
+    (d / "lmlab.json").write_text(json.dumps({"stage": "pretrain", "config": rc.to_dict()}))
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ SFT data
+def test_sft_labels_cover_exactly_the_assistant_replies(tok):
+    convs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Ada born?"},
+              {"role": "assistant", "content": "Ada was born in Paris."}, {"role": "user", "content": "And?"},
+              {"role": "assistant", "content": "That is all."}]]
+    (ids, mask), = encode_conversations(tok, convs)
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert trained == "Ada was born in Paris.<|im_end|>That is all.<|im_end|>"
+    (x, y), = make_rows([(ids, mask)], seq_len=len(ids) + 5, pad_id=tok.pad_token_id, packing=False)
+    assert len(x) == len(y) == len(ids) + 5
+    assert [t for t in y if t != IGNORE] == [t for t, m in zip(ids[1:], mask[1:]) if m]
+    assert x[:len(ids)] == ids and set(x[len(ids):]) == {tok.pad_token_id}
+
+
+def test_packing_keeps_every_conversation_and_its_labels(tok):
+    convs = load_conversations("world", **{"world_seed": 3, "world_people": 20})[:40]
+    examples = encode_conversations(tok, convs)
+    rows = make_rows(examples, seq_len=128, pad_id=tok.pad_token_id, packing=True, seed=1)
+    unpacked = make_rows(examples, seq_len=128, pad_id=tok.pad_token_id, packing=False)
+    assert len(rows) < len(examples) == len(unpacked)
+    n_labels = lambda rs: sum(sum(t != IGNORE for t in y) for _, y in rs)  # noqa: E731
+    assert n_labels(rows) == n_labels(unpacked) == sum(sum(m[1:]) for _, m in examples)
+    real = sum(sum(t != tok.pad_token_id for t in x) for x, _ in rows)
+    assert real >= sum(len(ids) for ids, _ in examples) - len(rows)  # only the last token of a row is cut
+
+
+def test_alpaca_and_chat_records(tmp_path):
+    assert to_messages({"instruction": "Add", "input": "2 and 3", "output": "5"}) == [
+        {"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                 "content": "hello"}]}) + "\n"
+                    + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:2: expected 'messages'"):
+        load_conversations(str(path))
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:1: .*no assistant message"):
+        load_conversations(str(path))
+
+
+# ------------------------------------------------------------------------------------------------- loader
+def test_list_loader_resumes_exactly_and_splits_ranks():
+    items = list(range(10))
+    a = ListLoader(items, 3, list, seed=5)
+    first = [next(a) for _ in range(4)]
+    state = a.state_dict()
+    rest = [next(a) for _ in range(5)]
+    b = ListLoader(items, 3, list, seed=5)
+    b.load_state_dict(state)
+    assert [next(b) for _ in range(5)] == rest
+    seen = [i for batch in first[:3] for i in batch] + first[3][:1]
+    assert sorted(seen) == items  # one epoch is a permutation
+    ranks = [ListLoader(items, 2, list, seed=5, rank=r, world=2) for r in range(2)]
+    glob = ListLoader(items, 4, list, seed=5)
+    for _ in range(6):
+        assert next(ranks[0]) + next(ranks[1]) == next(glob)
+
+
+# ------------------------------------------------------------------------------------------ reward model
+def test_bradley_terry_by_hand():
+    r_c, r_r = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # -log sigmoid(1) = 0.313262, -log sigmoid(-1) = 1.313262; mean 0.813262
+    assert bradley_terry_loss(r_c, r_r).item() == pytest.approx(0.813262, abs=1e-6)
+    # margin 0.5 on the first pair: -log sigmoid(0.5) = 0.474077
+    assert bradley_terry_loss(r_c, r_r, torch.tensor([0.5, 0.0])).item() == pytest.approx((0.474077 + 1.313262) / 2,
+                                                                                           abs=1e-6)
+
+
+def test_rankings_give_all_pairs_with_rank_margins(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "responses": ["a", "b", "c", "d"]}) + "\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "p"}], "chosen": "x", "rejected": "y",
+                                  "margin": 2.0}) + "\n")
+    pairs = to_pairs(load_rankings(str(path)), margin=0.5)
+    assert [(p["chosen"], p["rejected"], p["margin"]) for p in pairs] == [
+        ("a", "b", 0.5), ("a", "c", 1.0), ("a", "d", 1.5), ("b", "c", 0.5), ("b", "d", 1.0), ("c", "d", 0.5),
+        ("x", "y", 2.0)]
+    path.write_text(json.dumps({"prompt": "q", "responses": ["only one"]}) + "\n")
+    with pytest.raises(DataError, match=r"prefs.jsonl:1: a ranking needs at least two"):
+        load_rankings(str(path))
+
+
+def test_world_preference_split_is_by_prompt():
+    rankings = load_rankings("world", **{"world_seed": 3, "world_people": 20})
+    train, val = split_rankings(rankings, 0.2, seed=0)
+    assert len(train) + len(val) == len(rankings) and abs(len(val) - 0.2 * len(rankings)) < 0.05 * len(rankings)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-tiny", "mixtral-tiny"])
+def test_reward_model_matches_transformers_classifier(preset, tmp_path, tok):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              pad_token_id=tok.pad_token_id)
+    rm = ScalarHead(lmlab.build(lmlab.preset(preset, **kw))).eval()
+    rm.save_pretrained(tmp_path)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    pairs = [encode_pair(tok, p) for p in to_pairs(load_rankings("world", 3, 20)[:3])]
+    from lmlab.train.reward import collate_pairs
+    ids, mask, _ = collate_pairs(tok.pad_token_id)(pairs)
+    assert not bool(mask.all())  # a padded batch
+    with torch.no_grad():
+        ours = rm.reward(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        again = lmlab.load_model(tmp_path).reward(ids, mask)
+    assert (ours - theirs).abs().max() < 1e-4
+    assert torch.equal(ours, again)
+
+
+# -------------------------------------------------------------------------------------------------- DPO
+def test_dpo_and_ipo_losses_by_hand():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-4.0, -6.0, -5.0, -5.0))
+    # h = beta * ((pc - rc) - (pr - rr)) = 0.1 * (1 - (-1)) = 0.2; loss = -log sigmoid(0.2) = 0.598139
+    loss, m = dpo_loss(pc, pr, rc, rr, DPOConfig(beta=0.1))
+    assert loss.item() == pytest.approx(0.598139, abs=1e-6)
+    assert m["reward_chosen"] == pytest.approx(0.1) and m["reward_rejected"] == pytest.approx(-0.1)
+    assert m["reward_accuracy"] == 1.0
+    # label smoothing 0.1: 0.9 * 0.598139 + 0.1 * -log sigmoid(-0.2) (= 0.798139) = 0.618139
+    loss, _ = dpo_loss(pc, pr, rc, rr, DPOConfig(beta=0.1, label_smoothing=0.1))
+    assert loss.item() == pytest.approx(0.618139, abs=1e-6)
+    # IPO on per-token means, 2 tokens each: h/beta = (-2 + 2.5) - (-3 + 2.5) = 1; (1 - 1/(2*0.1))^2 = 16
+    loss, _ = dpo_loss(pc, pr, rc, rr, DPOConfig(beta=0.1, loss="ipo"), torch.tensor([2.0]), torch.tensor([2.0]))
+    assert loss.item() == pytest.approx(16.0, abs=1e-5)
+    assert math.isclose(dpo_loss(pc, pc, rc, rc, DPOConfig())[0].item(), math.log(2), rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- stages end to end
+def _logits(model_dir, ids):
+    with torch.no_grad():
+        return lmlab.load_model(model_dir)(ids)
+
+
+def test_sft_lora_run_writes_adapter_and_merged_model(base_dir, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sft"
+    assert main(["sft", "--model", str(base_dir), "--out", str(out), "--lora-rank", "4", "--lora-targets", "q_proj",
+                 "v_proj", "--set", "train.max_steps=4", "train.batch_size=4", "train.seq_len=128", "train.lr=1e-2",
+                 "data.world_eval_limit=2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["stage"] == "sft" and {"qa_acc_seen", "qa_acc_heldout", "idk_rate", "gold_reward"} <= set(report)
+    assert json.loads((out / "report.json").read_text()) == report
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    ids = torch.tensor([[1, 5, 9, 200, 17, 3]])
+    merged, base = _logits(out / "final", ids), _logits(base_dir, ids)
+    assert (merged - base).abs().max() > 1e-3  # training changed the model ...
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter").eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - merged).abs().max() < 1e-4  # ... and final/ is base + the saved adapter
+    assert lmlab.load_tokenizer(out / "final").encode("Hello") == lmlab.load_tokenizer(base_dir).encode("Hello")
+
+
+def test_sft_resumes_exactly(base_dir, tmp_path):
+    from lmlab.train import sft
+
+    def rc():
+        return RunConfig.from_dict({"train": sft.DEFAULTS["train"] | {"max_steps": 6, "batch_size": 4, "seq_len": 128,
+                                                                      "save_every": 0, "lr": 3e-3},
+                                    "data": {"world_seed": 3, "world_people": 20, "world_eval_limit": 1}})
+    sft.run(rc(), base_dir, tmp_path / "full")
+    assert sft.run(rc(), base_dir, tmp_path / "cut", stop_at=3)["stopped"] == "stop_at 3"
+    sft.run(rc(), base_dir, tmp_path / "cut", resume=True)
+    ids = torch.tensor([[1, 5, 9, 200, 17, 3]])
+    assert torch.equal(_logits(tmp_path / "full" / "final", ids), _logits(tmp_path / "cut" / "final", ids))
+
+
+def test_finetune_on_text_full(base_dir, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("The lighthouse keeper counts ships every night. " * 200)
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", str(base_dir), "--data", str(text), "--out", str(out), "--set",
+                 "train.max_steps=6", "train.batch_size=4", "train.seq_len=64", "train.lr=3e-3",
+                 "train.eval_every=0", "data.val_fraction=0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["trainable_params"] == lmlab.load_model(base_dir).num_params()
+    rows = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1] < rows[0] - 0.5  # a repeated sentence is quickly learned
+    assert not (out / "adapter").exists()
+
+
+def test_reward_stage_and_eval(base_dir, tmp_path, capsys):
+    out = tmp_path / "rm"
+    assert main(["reward", "--model", str(base_dir), "--out", str(out), "--set", "train.max_steps=3",
+                 "train.batch_size=4", "train.eval_every=0"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["val_pairs"] > 0 and 0 <= report["pair_acc"] <= 1
+    assert json.loads((out / "final" / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    assert main(["eval", "--model", str(out / "final"), "--task", "reward"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["pair_acc"] == pytest.approx(report["pair_acc"]) and result["pairs"] == report["val_pairs"]
+
+
+def test_dpo_stage_learns_its_pairs(base_dir, tmp_path, tok):
+    from lmlab.train import dpo
+
+    pairs = to_pairs(load_rankings("world", 3, 20)[:3])
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for p in pairs))
+    rc = RunConfig.from_dict({"train": dpo.DEFAULTS["train"] | {"max_steps": 20, "batch_size": 4, "lr": 1e-3,
+                                                                "warmup_steps": 0},
+                              "data": {"source": str(data), "val_fraction": 0.0}})
+    dpo.run(rc, base_dir, tmp_path / "dpo")
+    rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as its reference
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    items = [encode_pair(tok, p) for p in pairs]
+    dpo.add_reference_logprobs(lmlab.load_model(base_dir), items, tok.pad_token_id)
+    after = dpo.evaluate(lmlab.load_model(tmp_path / "dpo" / "final"), items, tok.pad_token_id, rc.dpo)
+    # chosen responses gained log-probability relative to rejected ones (observed: loss 0.69 -> 0.49,
+    # margin 0.72, 7 of 9 pairs ordered after 20 steps on a random tiny model)
+    assert after["val_reward_margin"] > 0.3 and after["val_loss"] < 0.6 and after["val_reward_accuracy"] > 0.6, after

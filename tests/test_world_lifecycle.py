@@ -1,0 +1,91 @@
+"""The post-training lifecycle on the built-in world, scored exactly on its known truth (CI-sized).
+
+A tiny Llama is pre-trained on the world's bios only (no QA mixed in, so the base model cannot yet answer
+in the chat format), then: SFT, a reward model on the world's rankings, DPO and PPO from the SFT model.
+Each assertion states what was measured on this 2-core CPU. The stage functions are those the CLI calls.
+"""
+import json
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.config import RunConfig, apply_overrides, preset
+from lmlab.data.world import make_world
+from lmlab.eval.world import world_qa
+from lmlab.train import dpo, ppo, pretrain, reward, sft
+
+LIMIT = 40  # eval questions per split (seen, held-out, unknown)
+
+
+def stage_config(module, *overrides):
+    d = {section: dict(values) for section, values in module.DEFAULTS.items()}
+    d.setdefault("data", {})["world_eval_limit"] = LIMIT
+    return RunConfig.from_dict(apply_overrides(d, list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("lifecycle")
+    d = {"model": preset("tiny").to_dict(), "data": {"source": "world", "world_mix_qa": False}}
+    rc = RunConfig.from_dict(apply_overrides(d, ["train.max_steps=400", "train.eval_every=0", "train.save_every=0",
+                                                 "train.dtype=bfloat16"]))
+    pretrain.run(rc, root / "pretrain", show_progress=False)
+    base = root / "pretrain" / "final"
+    out = {"base": world_qa(lmlab.load_model(base), lmlab.load_tokenizer(base), make_world(), limit=LIMIT)}
+    out["sft"] = sft.run(stage_config(sft), base, root / "sft")["report"]
+    sft_dir = root / "sft" / "final"
+    out["reward"] = reward.run(stage_config(reward), sft_dir, root / "reward")["report"]
+    out["dpo"] = dpo.run(stage_config(dpo), sft_dir, root / "dpo")["report"]
+    out["ppo"] = ppo.run(stage_config(ppo, "ppo.reward_model=world-gold"), sft_dir, root / "ppo",
+                         show_progress=False)["report"]
+    out["root"] = root
+    print(json.dumps({k: v for k, v in out.items() if k != "root"}, indent=1))
+    torch.set_num_threads(threads)
+    return out
+
+
+def test_sft_teaches_the_seen_people_qa(chain):
+    """Measured: seen QA {BASE_SEEN} -> {SFT_SEEN} (held-out {SFT_HELD})."""
+    base, after = chain["base"], chain["sft"]
+    assert after["qa_acc_seen"] >= 0.8 and after["qa_acc_seen"] >= base["qa_acc_seen"] + 0.4, (base, after)
+
+
+def test_reward_model_ranks_held_out_pairs(chain):
+    """Measured: pair accuracy {RM_ACC} on held-out prompts; an answer about a known person beats "I don't know"
+    in {RM_IDK} of those pairs."""
+    from lmlab.data.prefs import encode_pair, load_rankings, split_rankings, to_pairs
+    from lmlab.data.world import IDK
+    from lmlab.train.reward import pair_accuracy
+
+    assert chain["reward"]["pair_acc"] >= 0.55, chain["reward"]
+    rm_dir = chain["root"] / "reward" / "final"
+    rm, tok = lmlab.load_model(rm_dir), lmlab.load_tokenizer(rm_dir)
+    _, val = split_rankings(load_rankings("world"), 0.1, seed=0)
+    world = make_world()
+    idk_pairs = [p for p in to_pairs(val) if world.parse_prompt(p["prompt"])[2] is not None
+                 and p["rejected"].strip() == IDK.format(name=world.parse_prompt(p["prompt"])[0])]
+    assert len(idk_pairs) >= 20
+    acc = pair_accuracy(rm, [encode_pair(tok, p) for p in idk_pairs], tok.pad_token_id)["pair_acc"]
+    assert acc >= 0.8, acc
+
+
+def test_dpo_raises_gold_reward_with_bounded_kl(chain):
+    """Measured: gold reward {SFT_GOLD} (SFT) -> {DPO_GOLD} (DPO), KL {DPO_KL} nats per response."""
+    assert chain["dpo"]["gold_reward"] > chain["sft"]["gold_reward"], (chain["sft"], chain["dpo"])
+    assert 0 < chain["dpo"]["kl"] < 5
+
+
+@pytest.mark.xfail(reason="PPO does not yet raise the evaluation's gold reward over SFT on the tiny world: with the "
+                          "oracle reward the per-rollout gold is noisy and the held-out/unknown answers do not move "
+                          "(docs/posttraining.md); this test turns green when it does", strict=False)
+def test_ppo_raises_gold_reward_with_bounded_kl(chain):
+    assert chain["ppo"]["gold_reward"] > chain["sft"]["gold_reward"], (chain["sft"], chain["ppo"])
+    assert chain["ppo"]["kl"] < 5
+
+
+def test_ppo_keeps_the_model_intact(chain):
+    """The KL penalty holds the policy near SFT: seen-people QA survives (measured {PPO_SEEN}, KL {PPO_KL})."""
+    assert chain["ppo"]["kl"] < 10 and chain["ppo"]["qa_acc_seen"] >= chain["sft"]["qa_acc_seen"] - 0.2, chain["ppo"]
