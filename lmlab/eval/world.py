@@ -154,6 +154,17 @@ def kl_to_reference(policy, ref, tok, questions: list[str], samples_per_question
     return sum(ratios) / len(ratios)
 
 
+def world_scores(model, tok, world, ref=None, limit: int | None = None, max_new_tokens: int = 64,
+                 batch_size: int = 32, seed: int = 0) -> dict:
+    """world_qa, plus "kl" (kl_to_reference over the same questions) when a reference model is given."""
+    out = world_qa(model, tok, world, max_new_tokens, batch_size, limit)
+    if ref is not None:
+        questions = [r["question"] for s in SPLITS for r in eval_records(world, limit)[s]]
+        out["kl"] = kl_to_reference(model, ref, tok, questions, max_new_tokens=max_new_tokens, seed=seed,
+                                    batch_size=batch_size)
+    return out
+
+
 # ---- tasks for `lmlab eval` (each: model_dir + options -> flat dict) ----------------------------------
 
 def _load(model_dir, world_seed=None, people=None):
@@ -186,11 +197,7 @@ def world_gold_task(model_dir, ref: str | None = None, world_seed: int | None = 
     import lmlab
 
     model, tok, world, settings = _load(model_dir, world_seed, people)
-    qa = world_qa(model, tok, world, max_new_tokens, batch_size, limit)
-    out = {k: v for k, v in qa.items() if k.startswith("gold_reward")}
-    out.update(n_questions=qa["n_questions"], world_seed=settings["seed"], world_people=settings["n_people"])
-    if ref is not None:
-        questions = [r["question"] for s in SPLITS for r in eval_records(world, limit)[s]]
-        out["kl"] = kl_to_reference(model, lmlab.load_model(ref), tok, questions, max_new_tokens=max_new_tokens,
-                                    seed=seed, batch_size=batch_size)
-    return out
+    scores = world_scores(model, tok, world, lmlab.load_model(ref) if ref is not None else None, limit,
+                          max_new_tokens, batch_size, seed)
+    out = {k: v for k, v in scores.items() if k.startswith("gold_reward") or k in ("kl", "n_questions")}
+    return {**out, "world_seed": settings["seed"], "world_people": settings["n_people"]}

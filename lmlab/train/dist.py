@@ -181,3 +181,14 @@ def peak_flops(dtype: str) -> float:
             best = min(best, time.perf_counter() - t0)
         _PEAK[dtype] = 2 * n ** 3 / best
     return _PEAK[dtype]
+
+
+def micro_batch(t) -> int:
+    """Sequences per forward pass on this rank: train.batch_size (global) / (ranks x train.grad_accum)."""
+    from lmlab.config import ConfigError
+
+    W = world_size()
+    if t.batch_size % (W * t.grad_accum):
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must divide into {W} ranks x train.grad_accum "
+                          f"({t.grad_accum}) micro-batches")
+    return t.batch_size // (W * t.grad_accum)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmlab.config import ConfigError, DPOConfig, RunConfig
+from lmlab.config import DPOConfig, RunConfig
 from lmlab.train import dist
 from lmlab.train.loop import train
 from lmlab.train.posttrain import (
@@ -26,6 +26,7 @@ from lmlab.train.posttrain import (
     finish,
     frozen_copy,
     load_trainable,
+    pad_id,
     pad_right,
     token_logprobs,
 )
@@ -112,16 +113,14 @@ def run(rc: RunConfig, model_dir, out_dir, ref_dir=None, resume: bool = False, s
 
     dist.init()
     out, t = Path(out_dir), rc.train
-    micro = t.batch_size // (dist.world_size() * t.grad_accum)
-    if micro * dist.world_size() * t.grad_accum != t.batch_size:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must divide into ranks x train.grad_accum")
+    micro = dist.micro_batch(t)
     model, tok = load_trainable(model_dir, rc)
     ref = lmlab.load_model(ref_dir, device=model.device).eval() if ref_dir else frozen_copy(model)
     rc.model = model.config
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         rc.save_yaml(out / "config.yaml")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     train_items, val_items = preference_data(rc, tok)
     add_reference_logprobs(ref, train_items + val_items, pad)
     print(f"[dpo] {len(train_items)} training pairs, {len(val_items)} validation pairs; beta {rc.dpo.beta}, "

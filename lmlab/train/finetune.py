@@ -22,11 +22,8 @@ DEFAULTS = {"train": {"max_steps": 200, "lr": 1e-4, "warmup_steps": 10, "weight_
 
 def run(rc: RunConfig, model_dir, out_dir, resume: bool = False, stop_at: int | None = None) -> dict:
     dist.init()
-    out, t, W = Path(out_dir), rc.train, dist.world_size()
-    if t.batch_size % (W * t.grad_accum):
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must divide into {W} ranks x train.grad_accum "
-                          f"({t.grad_accum}) micro-batches")
-    micro = t.batch_size // (W * t.grad_accum)
+    out, t = Path(out_dir), rc.train
+    micro = dist.micro_batch(t)
     model, _ = load_trainable(model_dir, rc)
     if t.seq_len > model.config.max_position_embeddings and model.config.position == "learned":
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds the model's {model.config.max_position_embeddings} "

@@ -37,6 +37,14 @@ def load_trainable(model_dir, rc: RunConfig, device=None):
     return model, tok
 
 
+def pad_id(tok) -> int:
+    """The id that pads batches (its positions carry no loss and are masked): pad, else eos, else 0."""
+    for i in (tok.pad_token_id, tok.eos_token_id):
+        if i is not None:
+            return i
+    return 0
+
+
 def frozen_copy(model):
     """An eval-mode copy whose parameters take no gradient (the reference model of DPO and PPO)."""
     ref = copy.deepcopy(model).eval()
@@ -147,12 +155,7 @@ def world_eval(model, tok, rc: RunConfig, ref=None) -> dict:
     """The built-in world's exact scoring of a chat model (QA accuracy, honesty, gold reward; KL to `ref`),
     on data.world_eval_limit questions per split (0 = all)."""
     from lmlab.data.world import make_world
-    from lmlab.eval.world import SPLITS, eval_records, kl_to_reference, world_qa
+    from lmlab.eval.world import world_scores
 
-    limit = rc.data.world_eval_limit or None
     world = make_world(seed=rc.data.world_seed, n_people=rc.data.world_people)
-    result = world_qa(model, tok, world, limit=limit)
-    if ref is not None:
-        records = eval_records(world, limit)
-        result["kl"] = kl_to_reference(model, ref, tok, [r["question"] for s in SPLITS for r in records[s]])
-    return result
+    return world_scores(model, tok, world, ref, limit=rc.data.world_eval_limit or None)

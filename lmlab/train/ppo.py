@@ -20,6 +20,7 @@ world's truth, never seen by the policy), KL to the reference, entropy, clip fra
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from lmlab.train.posttrain import (
     finish,
     frozen_copy,
     load_trainable,
+    pad_id,
     pad_right,
     write_report,
 )
@@ -179,7 +181,7 @@ class RolloutLoader:
         self.encoded = [encode_chat(tok, chat_of(p), add_generation_prompt=True)[0] for p in prompts]
         self.micro, self.seed, self.stop_ids, self.score, self.world = micro, rc.train.seed, stop_ids, score, world
         self.rank, self.world_size = rank, world_size
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad = pad_id(tok)
         self.autocast = rc.train.dtype == "bfloat16"  # old log-probs in the dtype the loss will see
         self.kl = AdaptiveKLController(rc.ppo.kl_coef, rc.ppo.target_kl, rc.ppo.kl_horizon)
         self.prompt_epoch = self.prompt_pos = self.rollouts = 0
@@ -361,11 +363,8 @@ def run(rc: RunConfig, model_dir, out_dir, ref_dir=None, resume: bool = False, s
 
     dist.init()
     out, t, p = Path(out_dir), rc.train, rc.ppo
-    W = dist.world_size()
-    micro = t.batch_size // (W * t.grad_accum)
-    checks = [(micro * W * t.grad_accum == t.batch_size,
-               f"train.batch_size ({t.batch_size}) must divide into ranks x train.grad_accum"),
-              (p.rollout_batch % t.batch_size == 0,
+    W, micro = dist.world_size(), dist.micro_batch(t)
+    checks = [(p.rollout_batch % t.batch_size == 0,
                f"ppo.rollout_batch ({p.rollout_batch}) must be a multiple of train.batch_size ({t.batch_size})"),
               (p.temperature > 0, "ppo.temperature must be > 0 (PPO needs sampled responses)"),
               (p.max_new_tokens >= 1, "ppo.max_new_tokens must be >= 1"),
@@ -399,7 +398,7 @@ def run(rc: RunConfig, model_dir, out_dir, ref_dir=None, resume: bool = False, s
         if rm.config.vocab_size != policy.config.vocab_size:
             raise ConfigError("ppo.value_init=reward: the reward model's vocabulary differs from the policy's; "
                               "set ppo.value_init=policy")
-        value = _load_reward_model(p.reward_model, dev)
+        value = copy.deepcopy(rm)  # starts as the reward model, then trains (the reward model stays frozen)
     else:  # value_init=policy, or no reward model to start from (a reward function)
         value = ScalarHead(lmlab.load_model(model_dir, device=dev))
     value.requires_grad_(True).train()

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmlab.config import ConfigError, DataConfig, RunConfig
+from lmlab.config import DataConfig, RunConfig
 from lmlab.train import dist
 from lmlab.train.loop import train
+from lmlab.train.posttrain import write_report
 
 
 def documents(dc: DataConfig) -> list[str]:
@@ -111,11 +112,7 @@ def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None
     dist.init()
     out = Path(out_dir)
     t = rc.train
-    W = dist.world_size()
-    if t.batch_size % (W * t.grad_accum):
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must divide into {W} ranks x train.grad_accum "
-                          f"({t.grad_accum}) micro-batches")
-    micro = t.batch_size // (W * t.grad_accum)
+    micro = dist.micro_batch(t)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         rc.save_yaml(out / "config.yaml")
@@ -150,10 +147,7 @@ def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None
         report = {"stage": "pretrain", "val_loss": summary.get("val_loss"), "val_bpb": summary.get("val_bpb"),
                   "val_ppl": summary.get("val_ppl"), "train_loss": summary["loss"], "steps": summary["step"],
                   "seconds": summary["seconds"], "params": model.num_params()}
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.items())
-        (out / "report.md").write_text(f"# Pre-training report\n\n| metric | value |\n|---|---|\n{rows}\n\n"
-                                       "![loss](plots/loss.png)\n")
+        write_report(out, report, "Pre-training report")
         summary["report"] = report
     dist.barrier()
     return summary

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lmlab.config import ConfigError, RunConfig
 from lmlab.train import dist
 from lmlab.train.loop import train
-from lmlab.train.posttrain import ListLoader, checkpoint_io, finish, pad_right
+from lmlab.train.posttrain import ListLoader, checkpoint_io, finish, pad_id, pad_right
 
 DEFAULTS = {"train": {"max_steps": 150, "batch_size": 16, "lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.0,
                       "eval_every": 50, "save_every": 0},
@@ -85,9 +85,7 @@ def run(rc: RunConfig, model_dir, out_dir, resume: bool = False, stop_at: int | 
     if rc.lora.r:
         raise ConfigError("lmlab reward trains every weight of the reward model; set lora.r=0")
     out, t = Path(out_dir), rc.train
-    micro = t.batch_size // (dist.world_size() * t.grad_accum)
-    if micro * dist.world_size() * t.grad_accum != t.batch_size:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must divide into ranks x train.grad_accum")
+    micro = dist.micro_batch(t)
     base = lmlab.load_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(base, ScalarHead):
         model = base  # continue training a reward model
@@ -96,7 +94,7 @@ def run(rc: RunConfig, model_dir, out_dir, resume: bool = False, stop_at: int | 
         model = ScalarHead(base)
     model.train()
     tok = lmlab.load_tokenizer(model_dir)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     model.config.pad_token_id = pad  # transformers finds the scored (last real) token through pad_token_id
     rc.model = model.config
     if dist.is_main():
@@ -141,5 +139,5 @@ def evaluate(model_dir, data: str = "world", batch_size: int = 16) -> dict:
     if data != rc.data.source or not meta.exists():  # someone else's data: every pair is held out
         rc.data.source, rc.data.val_fraction = data, 1.0
     _, val_pairs = preference_data(rc, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     return pair_accuracy(model, val_pairs, pad, batch_size)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.config import ConfigError, RunConfig
+from lmlab.config import RunConfig
 from lmlab.train import dist
 from lmlab.train.loop import train
-from lmlab.train.posttrain import IGNORE, ListLoader, checkpoint_io, finish, load_trainable, world_eval
+from lmlab.train.posttrain import IGNORE, ListLoader, checkpoint_io, finish, load_trainable, pad_id, world_eval
 
 # Gentle by default (DESIGN.md: an aggressive SFT memorises the SFT people and hurts held-out QA).
 DEFAULTS = {"train": {"max_steps": 150, "batch_size": 8, "seq_len": 256, "lr": 1e-4, "warmup_steps": 10,
@@ -60,14 +60,12 @@ def run(rc: RunConfig, model_dir, out_dir, resume: bool = False, stop_at: int | 
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         rc.save_yaml(out / "config.yaml")
-    micro = t.batch_size // (dist.world_size() * t.grad_accum)
-    if micro * dist.world_size() * t.grad_accum != t.batch_size:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must divide into ranks x train.grad_accum")
+    micro = dist.micro_batch(t)
     convs = load_conversations(rc.data.source, rc.data.world_seed, rc.data.world_people)
     order = np.random.default_rng(t.seed).permutation(len(convs))
     n_val = int(len(convs) * rc.data.val_fraction)
     examples = encode_conversations(tok, [convs[i] for i in order])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     train_rows = make_rows(examples[n_val:], t.seq_len, pad, rc.data.packing, t.seed)
     val_rows = make_rows(examples[:n_val], t.seq_len, pad, packing=False)
     print(f"[sft] {len(convs) - n_val} conversations -> {len(train_rows)} rows of {t.seq_len} tokens"
