@@ -30,6 +30,15 @@ def test_fresh_adapter_changes_nothing_and_freezes_the_base(hf_dirs):
     assert len(lora_layers(model)) == 2 * 7  # 2 layers x q, k, v, o, gate, up, down
 
 
+def test_only_adapter_parameters_get_gradients(hf_dirs):
+    model = apply_lora(lmlab.load_model(hf_dirs("llama-gqa-untied")), r=4, alpha=8)
+    model(torch.randint(0, 97, (2, 9))).float().pow(2).mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in model.named_parameters() if ".lora_" in n}
+    # B starts at zero, so at the first step only B moves (A's gradient is B^T-weighted: zero)
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in with_grad if n.endswith("lora_B"))
+
+
 def test_merge_and_unmerge(hf_dirs):
     model = apply_lora(lmlab.load_model(hf_dirs("qwen2")), r=4, alpha=16, targets=("q_proj", "v_proj", "down_proj"))
     randomize_lora(model)
