@@ -261,3 +261,17 @@ def test_dpo_stage_learns_its_pairs(base_dir, tmp_path, tok):
     # chosen responses gained log-probability relative to rejected ones (observed: loss 0.69 -> 0.49,
     # margin 0.72, 7 of 9 pairs ordered after 20 steps on a random tiny model)
     assert after["val_reward_margin"] > 0.3 and after["val_loss"] < 0.6 and after["val_reward_accuracy"] > 0.6, after
+
+
+def test_lora_on_layers_peft_cannot_hold_fails_at_the_start(tmp_path, tok):
+    """GPT-2 keeps q/k/v fused and Conv1D weights transposed: PEFT's layout has no place for such adapters, so a
+    LoRA run says so before training instead of failing at its first checkpoint."""
+    from lmlab.config import ConfigError
+    from lmlab.train.posttrain import load_trainable
+
+    lmlab.build(lmlab.preset("gpt2-tiny", vocab_size=tok.vocab_size)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"layers\.0\.attn\.q_proj: LoRA on this layer has no PEFT equivalent"):
+        load_trainable(tmp_path, RunConfig.from_dict({"lora": {"r": 4}}))
+    model, _ = load_trainable(tmp_path, RunConfig.from_dict({"lora": {"r": 0}}))  # full fine-tuning works
+    assert all(p.requires_grad for p in model.parameters())

@@ -33,6 +33,9 @@ def load_trainable(model_dir, rc: RunConfig, device=None):
         torch.manual_seed(rc.train.seed)  # the adapters' random A matrices: reproducible runs
         targets = rc.lora.targets if isinstance(rc.lora.targets, str) else tuple(rc.lora.targets)
         apply_lora(model, rc.lora.r, rc.lora.alpha, rc.lora.dropout, targets)
+        from lmlab.models.lora import _peft_prefix, lora_layers
+        for name in lora_layers(model):  # fail now, not at the first checkpoint, if PEFT cannot hold the adapter
+            _peft_prefix(model, name)
     model.train()
     return model, tok
 
