@@ -15,13 +15,14 @@ from typing import Any
 
 from lmlab.errors import ConfigError
 
+ENCODER_FAMILIES = {"bert": "encoder", "roberta": "encoder", "t5": "encoder-decoder"}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 
 @dataclass
 class ModelConfig:
-    model_type: str = "llama"  # llama | mistral | mixtral | qwen2 | gpt2
+    model_type: str = "llama"  # llama | mistral | mixtral | qwen2 | gpt2 (decoders) | bert | roberta | t5
     vocab_size: int = 32000
     hidden_size: int = 512
     intermediate_size: int = 1408
@@ -35,7 +36,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     mlp: str = "gated"  # gated (SwiGLU: down(act(gate(x)) * up(x))) | plain (down(act(up(x))))
     hidden_act: str = "silu"  # silu | gelu | gelu_tanh | relu
-    position: str = "rope"  # rope | learned (GPT-2)
+    position: str = "rope"  # rope | learned (GPT-2, BERT) | relative (T5's bucketed position bias)
     attention_bias: bool = False  # bias on q, k, v
     attention_out_bias: bool = False  # bias on o_proj
     mlp_bias: bool = False
@@ -52,6 +53,12 @@ class ModelConfig:
     num_local_experts: int = 0
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.02
+    # encoder families: BERT's token types (0 = none); T5's decoder depth and relative position buckets
+    type_vocab_size: int = 0
+    num_decoder_layers: int | None = None  # T5: None -> num_hidden_layers
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    decoder_start_token_id: int | None = None  # T5: the first decoder input (the pad id, 0)
     # special tokens and init
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -82,7 +89,8 @@ class ModelConfig:
              f"num_key_value_heads ({self.num_key_value_heads})")
         need(self.norm in ("rmsnorm", "layernorm"), f"norm must be rmsnorm|layernorm, got {self.norm!r}")
         need(self.mlp in ("gated", "plain"), f"mlp must be gated|plain, got {self.mlp!r}")
-        need(self.position in ("rope", "learned"), f"position must be rope|learned, got {self.position!r}")
+        need(self.position in ("rope", "learned", "relative"),
+             f"position must be rope|learned|relative, got {self.position!r}")
         need(self.hidden_act in ACTIVATIONS, f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
         need(self.position != "rope" or self.head_dim % 2 == 0, "head_dim must be even for RoPE")
         if self.rope_scaling is not None:
@@ -102,6 +110,11 @@ class ModelConfig:
             need(0 < self.num_experts_per_tok <= self.num_local_experts,
                  f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_local_experts "
                  f"({self.num_local_experts})")
+
+    @property
+    def family(self) -> str:
+        """decoder | encoder | encoder-decoder, from model_type."""
+        return ENCODER_FAMILIES.get(self.model_type, "decoder")
 
     def window(self, layer_idx: int) -> int | None:
         """Sliding-window length for a layer, or None for full causal attention."""

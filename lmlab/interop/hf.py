@@ -102,12 +102,24 @@ _ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "gelu_
 
 
 # -------------------------------------------------------------------------------------------- configs
+# the encoder families keep their configs and name maps beside this file (model_type -> module)
+FAMILY_MODULES = {"bert": "lmlab.interop.hf_encoder", "roberta": "lmlab.interop.hf_encoder",
+                  "t5": "lmlab.interop.hf_t5"}
+
+
+def family_module(model_type: str):
+    import importlib
+    return importlib.import_module(FAMILY_MODULES[model_type])
+
+
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     """Read a transformers config.json (v4 or v5 keys) into a ModelConfig."""
     mt = d.get("model_type")
+    if mt in FAMILY_MODULES:
+        return family_module(mt).config_from_hf(d, source)
     if mt not in ARCHS:
         raise CheckpointError(f"{source}: model_type {mt!r} (architectures {d.get('architectures')}) is not "
-                              f"supported; supported: {sorted(ARCHS)}")
+                              f"supported; supported: {sorted(ARCHS | FAMILY_MODULES)}")
 
     def req(*names):
         for n in names:
@@ -171,6 +183,8 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """A config.json that transformers (v5, and v4 for the keys it knows) loads as the same model."""
     mt = cfg.model_type
+    if mt in FAMILY_MODULES:
+        return family_module(mt).config_to_hf(cfg, dtype)
     if mt not in ARCHS:
         raise ConfigError(f"cannot save model_type {mt!r} as a Hugging Face checkpoint; supported: {sorted(ARCHS)}")
     _check_representable(cfg)
@@ -276,13 +290,23 @@ class WeightFiles:
 
 
 def _template(name: str) -> tuple[str, int | None]:
-    m = re.match(r"layers\.(\d+)\.(.*)", name)
-    return (f"layers.{{i}}.{m.group(2)}", int(m.group(1))) if m else (name, None)
+    """"layers.3.attn.q_proj.weight" -> ("layers.{i}.attn.q_proj.weight", 3); also under a prefix
+    ("encoder.layers.3..." for T5)."""
+    m = re.match(r"(.*?\blayers)\.(\d+)\.(.*)", name)
+    return (f"{m.group(1)}.{{i}}.{m.group(3)}", int(m.group(2))) if m else (name, None)
 
 
-def load_weights(model, path: Path, expected_unused: tuple[str, ...] = ()):
+def tensor_map(cfg: ModelConfig) -> dict:
+    """lmlab parameter name template -> HF name spec, for this config's family."""
+    if cfg.model_type in FAMILY_MODULES:
+        return family_module(cfg.model_type).tensor_map(cfg)
+    return ARCHS[cfg.model_type][1]
+
+
+def load_weights(model, path: Path, expected_unused: tuple[str, ...] = (), mapping: dict | None = None):
     """Fill `model`'s parameters from the HF files in `path`, checking every name and shape. Tensors in the
-    files that fill nothing raise a warning, except those named in `expected_unused` (a head loaded apart)."""
+    files that fill nothing raise a warning, except those named in `expected_unused` (a head loaded apart).
+    `mapping` defaults to the family's tensor map (tensor_map)."""
     cfg = model.config
     files = WeightFiles(path)
     available, used = set(files.names()), set()
@@ -309,7 +333,7 @@ def load_weights(model, path: Path, expected_unused: tuple[str, ...] = ()):
             return full.chunk(spec.parts, dim=0)[spec.index]
         return torch.stack([get(spec.name.format(i=i, e=e)) for e in range(cfg.num_local_experts)])
 
-    mapping = ARCHS[cfg.model_type][1]
+    mapping = mapping or tensor_map(cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():  # a tied lm_head is listed once, as embed.weight
             key, i = _template(name)
@@ -326,10 +350,10 @@ def load_weights(model, path: Path, expected_unused: tuple[str, ...] = ()):
         warnings.warn(f"{path}: {len(unused)} tensors in the checkpoint were not used, e.g. {unused[:5]}")
 
 
-def hf_state_dict(model) -> dict[str, torch.Tensor]:
+def hf_state_dict(model, mapping: dict | None = None) -> dict[str, torch.Tensor]:
     """lmlab parameters -> tensors under their HF names (the inverse of load_weights)."""
     cfg = model.config
-    mapping = ARCHS[cfg.model_type][1]
+    mapping = mapping or tensor_map(cfg)
     out, parts = {}, {}
     for name, param in model.named_parameters():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -371,6 +395,8 @@ def load_model(path, device="cpu", dtype=None):
     path = Path(path)
     raw = read_config(path)
     cfg = config_from_hf(raw, source=str(path / "config.json"))
+    if cfg.model_type in FAMILY_MODULES:  # BERT, RoBERTa, T5: heads and layouts of their own
+        return family_module(cfg.model_type).load_model(path, raw, cfg, device, dtype)
     with torch.device("meta"):
         model = Decoder(cfg)
     if any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or []):

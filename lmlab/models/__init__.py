@@ -4,4 +4,12 @@ from lmlab.models.decoder import Decoder
 
 
 def build(cfg: ModelConfig):
+    """decoder (GPT-2, Llama, Mistral, Mixtral, Qwen2), encoder (BERT, RoBERTa: with the masked-LM head) or
+    encoder-decoder (T5), by cfg.model_type."""
+    if cfg.family == "encoder":
+        from lmlab.models.encoder import Encoder
+        return Encoder(cfg)
+    if cfg.family == "encoder-decoder":
+        from lmlab.models.encoder_decoder import T5
+        return T5(cfg)
     return Decoder(cfg)

@@ -190,9 +190,11 @@ def attention_mask(q_len: int, k_len: int, offset: int, key_mask: torch.Tensor |
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    """Self-attention. causal=False (encoders) lets every token see every other unpadded token."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool = True):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.causal = layer_idx, causal
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, b = cfg.hidden_size, cfg.attention_bias
         self.q_proj = nn.Linear(h, self.nh * self.hd, bias=b)
@@ -211,8 +213,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, visible, hd), masked by `mask`
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
-                                           enable_gqa=self.nkv != self.nh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
+                                           scale=self.scale, enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 

@@ -99,10 +99,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def _peft_prefix(model, name: str) -> str:
     """lmlab module path -> PEFT's key prefix, through the model family's HF tensor-name map."""
-    from lmlab.interop.hf import ARCHS, _template
+    from lmlab.interop.hf import _template, tensor_map
 
     key, i = _template(name + ".weight")
-    spec = ARCHS[model.config.model_type][1].get(key)
+    spec = tensor_map(model.config).get(key)
     if not isinstance(spec, str):
         raise ConfigError(f"{name}: LoRA on this layer has no PEFT equivalent for {model.config.model_type} "
                           f"(it is stored fused or transposed)")
