@@ -1,6 +1,6 @@
 """lmlab: build, train, align and serve language models in one small PyTorch codebase.
 
-The public API (see shared/DESIGN.md): load_model, build, generate, stream, ModelConfig.
+The public API (see shared/DESIGN.md): load_model, build, generate, stream, embed, ModelConfig.
 """
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from lmlab.errors import CheckpointError, ConfigError, LmlabError
 from lmlab.inference import SamplingParams, generate_ids, stream_ids
 from lmlab.interop.hf import load_model
 from lmlab.models import build
+from lmlab.models.encoder import embed
 from lmlab.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "LmlabError", "ModelConfig", "SamplingParams", "Tokenizer", "build",
-           "generate", "load_model", "load_tokenizer", "preset", "stream"]
+           "embed", "generate", "load_model", "load_tokenizer", "preset", "stream"]
 
 
 def _params(model, tok, kw) -> SamplingParams:
@@ -46,16 +47,24 @@ def generate(model, tok_or_ids, prompt: str | Sequence[str] | None = None, **kw)
     generate(model, tok, "Once upon", max_new_tokens=64)  -> the continuation text (a list of texts for a list)
     Keyword arguments are those of SamplingParams (temperature=0 is greedy). Generation stops at the
     model's / tokenizer's eos id unless stop_token_ids is given. compile=True compiles the decode
-    step (CPU: ~2x faster batch-1 decoding after a one-time compilation of ~20-60 s).
+    step (CPU: ~2x faster batch-1 decoding after a one-time compilation of ~20-60 s). Encoder-decoder
+    models (T5) encode the prompt and return the new decoder tokens (inference/seq2seq.py; also num_beams,
+    length_penalty, early_stopping).
     """
     compile = kw.pop("compile", False)
+    if model.config.family == "encoder-decoder":  # T5: prompts feed the encoder; num_beams=k for beam search
+        from lmlab.inference.seq2seq import generate_seq2seq
+        beam = {k: kw.pop(k) for k in ("num_beams", "length_penalty", "early_stopping") if k in kw}
+        run = lambda prompts, tok: generate_seq2seq(model, prompts, **vars(_params(model, tok, kw)), **beam)
+    else:
+        run = lambda prompts, tok: generate_ids(model, prompts, _params(model, tok, kw), compile)
     if prompt is None:
         prompts, batched = _as_id_lists(tok_or_ids)
-        out = generate_ids(model, prompts, _params(model, None, kw), compile)
+        out = run(prompts, None)
         return out if batched else out[0]
     tok = tok_or_ids
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
-    out = generate_ids(model, [tok.encode(t) for t in texts], _params(model, tok, kw), compile)
+    out = run([tok.encode(t) for t in texts], tok)
     decoded = [tok.decode(ids, skip_special_tokens=True) for ids in out]
     return decoded[0] if isinstance(prompt, str) else decoded
 

@@ -49,7 +49,7 @@ def _run_config(args):
     """Preset -> model.*, then --config FILE, then --set overrides; data/tokenizer flags as data.*."""
     from lmlab.config import RunConfig, apply_overrides, preset
 
-    d = {"model": preset(args.preset).to_dict(), "train": {}, "data": {}}
+    d = {"model": preset(args.preset, getattr(args, "family", None)).to_dict(), "train": {}, "data": {}}
     if args.config:
         loaded = RunConfig.load_yaml(args.config).to_dict()
         for section in d:
@@ -101,6 +101,13 @@ def _stage_config(args, defaults: dict):
 def _stage(args) -> int:
     import importlib
 
+    task = getattr(args, "task", "lm")
+    if task != "lm":  # encoder families: classification (BERT) or text-to-text (T5) fine-tuning
+        from lmlab.train import tasks
+        rc = _stage_config(args, tasks.DEFAULTS[task])
+        summary = tasks.run(rc, args.model, args.out or f"runs/finetune-{task}", task, resume=args.resume)
+        print(json.dumps(summary.get("report") or {k: v for k, v in summary.items() if k != "report"}))
+        return 0
     module = importlib.import_module(f"lmlab.train.{args.verb}")
     rc = _stage_config(args, module.DEFAULTS)
     if args.verb == "ppo" and args.reward_model:
@@ -198,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_tokenizer)
 
     p_ = sub.add_parser("pretrain", help="pre-train a model on the built-in world or your text", formatter_class=fmt)
-    p_.add_argument("--family", default="decoder", choices=["decoder"], help="model family")
-    p_.add_argument("--preset", default="tiny", help="model preset (tiny, small, llama-50m, gpt2-124m, llama-1b, ...)")
+    p_.add_argument("--family", default="decoder", choices=["decoder", "encoder", "encoder-decoder"],
+                    help="decoder (next-token LM), encoder (BERT, masked LM) or encoder-decoder (T5, span corruption)")
+    p_.add_argument("--preset", default="tiny", help="model preset: tiny, small, llama-50m, gpt2-124m, llama-1b, ...; "
+                    "encoder: tiny (bert-tiny), bert-base; encoder-decoder: tiny (t5-tiny), t5-small")
     p_.add_argument("--data", default=None,
                     help="'world' or a .txt/.jsonl/.parquet file, folder or glob (default: data.source, 'world')")
     p_.add_argument("--tokenizer", default=None,
@@ -243,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  "default: every attention and MLP projection)")
         else:
             s_.set_defaults(lora_rank=None, lora_alpha=None, lora_dropout=None, lora_targets=None)
+        if verb == "finetune":
+            s_.add_argument("--task", default="lm", choices=["lm", "classify", "seq2seq"],
+                            help="lm: next-token loss on text; classify: a classification head on an encoder "
+                                 "(.jsonl text + label; world: sentiment reviews); seq2seq: text-to-text with a T5 "
+                                 "(.jsonl input + target; world: extractive QA and sentiment)")
         if verb in ("dpo", "ppo"):
             s_.add_argument("--ref", default=None, help="reference model directory (default: a frozen copy of --model)")
         if verb == "ppo":

@@ -158,6 +158,21 @@ def _gpt2(**kw) -> ModelConfig:
 # Presets. `tiny` is the model of DESIGN.md's calibration run (4.6M parameters: learns the built-in world
 # on a 2-core CPU in minutes); `small` ~25M; `llama-50m` the benchmark model of the foundation issue;
 # `gpt2-124m` and `llama-1b` are GPU-sized. Vocabulary sizes follow the tokenizer at training time.
+def _bert(**kw) -> ModelConfig:
+    base = dict(model_type="bert", norm="layernorm", norm_eps=1e-12, mlp="plain", hidden_act="gelu",
+                position="learned", attention_bias=True, attention_out_bias=True, mlp_bias=True,
+                tie_word_embeddings=True, type_vocab_size=2, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    return ModelConfig(**(base | kw))
+
+
+def _t5(**kw) -> ModelConfig:
+    """T5 v1.0 (t5-small's shape): ReLU MLP, tied embeddings, relative position buckets, no biases."""
+    base = dict(model_type="t5", norm="rmsnorm", norm_eps=1e-6, mlp="plain", hidden_act="relu", position="relative",
+                tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                decoder_start_token_id=0)
+    return ModelConfig(**(base | kw))
+
+
 PRESETS: dict[str, callable] = {
     "tiny": lambda: ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
@@ -177,13 +192,30 @@ PRESETS: dict[str, callable] = {
                                num_attention_heads=4, max_position_embeddings=512, bos_token_id=0, eos_token_id=0),
     "gpt2-124m": lambda: _gpt2(vocab_size=50257, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                num_attention_heads=12, max_position_embeddings=1024),
+    # encoder-only (BERT) and encoder-decoder (T5); `--family encoder --preset tiny` means bert-tiny
+    "bert-tiny": lambda: _bert(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                               num_attention_heads=4, max_position_embeddings=512),
+    "bert-base": lambda: _bert(vocab_size=30522, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                               num_attention_heads=12, max_position_embeddings=512),
+    "t5-tiny": lambda: _t5(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=3,
+                           num_decoder_layers=3, num_attention_heads=4, max_position_embeddings=512),
+    "t5-small": lambda: _t5(vocab_size=32128, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                            num_attention_heads=8, head_dim=64, max_position_embeddings=512),
 }
+FAMILY_PREFIX = {"encoder": "bert-", "encoder-decoder": "t5-"}
 
 
-def preset(name: str, **overrides) -> ModelConfig:
+def preset(name: str, family: str | None = None, **overrides) -> ModelConfig:
+    """A preset by name. With a family, a size name is looked up in that family first ("tiny" with
+    family="encoder" is bert-tiny), and a preset of another family is refused."""
+    if family in FAMILY_PREFIX and FAMILY_PREFIX[family] + name in PRESETS:
+        name = FAMILY_PREFIX[family] + name
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]()
+    if family is not None and cfg.family != family:
+        raise ConfigError(f"preset {name!r} is a {cfg.family} model, not {family}; "
+                          f"{family} presets: {sorted(k for k in PRESETS if PRESETS[k]().family == family)}")
     return ModelConfig.from_dict(cfg.to_dict() | overrides) if overrides else cfg
 
 
@@ -240,7 +272,7 @@ class DataConfig:
     source: str = "world"  # world | a path, folder or glob of .txt/.jsonl/.parquet
     field: str = "text"  # jsonl/parquet field holding the text
     tokenizer: str = "train"  # train | a tokenizer or model directory
-    tokenizer_kind: str = "bpe"
+    tokenizer_kind: str = "auto"  # auto (bpe for decoders, wordpiece for BERT, unigram for T5) | bpe | sp-bpe | unigram | wordpiece
     vocab_size: int = 2048
     val_fraction: float = 0.02
     world_seed: int = 0

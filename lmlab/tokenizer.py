@@ -265,16 +265,20 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------------- train
     @classmethod
     def train(cls, data, vocab_size: int, kind: str = "bpe", special_tokens: list[str] | None = None,
-              show_progress: bool = True) -> "Tokenizer":
+              show_progress: bool = True, special_roles: dict[str, str] | None = None) -> "Tokenizer":
         """Train a tokenizer on files (paths) or an iterator of strings.
 
         kind: "bpe" (byte-level BPE, GPT-4 pre-tokenizer), "sp-bpe" / "unigram" (SentencePiece, lossless
         for code and whitespace, byte fallback), "wordpiece" (BERT). special_tokens: extra tokens added
-        to the vocabulary (default: the chat tokens of lmlab's default template).
+        to the vocabulary as special tokens (default: the chat tokens of lmlab's default template; a list
+        replaces them, so pass [*lmlab.chat.DEFAULT_SPECIAL_TOKENS, ...] to keep them), e.g. T5's
+        sentinels lmlab.data.objectives.sentinel_tokens(100). special_roles: named special tokens set on
+        top of the kind's defaults (DEFAULT_SPECIAL), e.g. {"mask_token": "<mask>"} for masked-LM on a
+        "bpe" tokenizer; each is added to the vocabulary as a special token and saved with its role.
         """
         from lmlab import tokenizer_train
 
-        return tokenizer_train.train(cls, data, vocab_size, kind, special_tokens, show_progress)
+        return tokenizer_train.train(cls, data, vocab_size, kind, special_tokens, show_progress, special_roles)
 
 
 def _without_dummy_prefix(model: bytes):

@@ -10,9 +10,10 @@ from typing import Iterator
 
 from lmlab.chat import DEFAULT_SPECIAL_TOKENS as CHAT_TOKENS
 from lmlab.chat import DEFAULT_TEMPLATE
-from lmlab.tokenizer import DEFAULT_SPECIAL, GPT4_SPLIT, TokenizerError
+from lmlab.tokenizer import DEFAULT_SPECIAL, GPT4_SPLIT, SPECIAL_KEYS, TokenizerError
 
 KINDS = ("bpe", "sp-bpe", "unigram", "wordpiece")
+SP_PIECES = ("unk_token", "bos_token", "eos_token", "pad_token")  # sentencepiece's own ids 0..3
 
 
 def iter_texts(data) -> Iterator[str]:
@@ -56,18 +57,25 @@ def wordpiece_pipeline(vocab: dict[str, int], special: dict, lowercase=True, chi
     return tok
 
 
-def train(cls, data, vocab_size: int, kind: str, special_tokens, show_progress: bool):
-    tok = _train(cls, data, vocab_size, kind, special_tokens, show_progress)
+def train(cls, data, vocab_size: int, kind: str, special_tokens, show_progress: bool, special_roles=None):
+    tok = _train(cls, data, vocab_size, kind, special_tokens, show_progress, special_roles)
     if all(tok.token_to_id(t) is not None for t in CHAT_TOKENS):
         tok.chat_template = DEFAULT_TEMPLATE  # lmlab's own template, whose tokens are in this vocabulary
     return tok
 
 
-def _train(cls, data, vocab_size: int, kind: str, special_tokens, show_progress: bool):
+def _train(cls, data, vocab_size: int, kind: str, special_tokens, show_progress: bool, special_roles=None):
     if kind not in KINDS:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
     special = dict(DEFAULT_SPECIAL[kind])
+    for key, token in (special_roles or {}).items():
+        if key not in SPECIAL_KEYS or not isinstance(token, str) or not token:
+            raise TokenizerError(f"special_roles: {key}={token!r}; keys are {SPECIAL_KEYS}, values non-empty strings")
+        special[key] = token
     extra = list(CHAT_TOKENS if special_tokens is None else special_tokens)
+    if kind in ("sp-bpe", "unigram"):  # roles beyond sentencepiece's own unk/bos/eos/pad pieces are added symbols
+        own = {special[k] for k in SP_PIECES}
+        extra += [t for t in dict.fromkeys(special.values()) if t not in own and t not in extra]
     all_special = list(dict.fromkeys([*special.values(), *extra]))
     texts = iter_texts(data)
     first = next((t for t in texts if t.strip()), None)
@@ -110,7 +118,7 @@ def _train(cls, data, vocab_size: int, kind: str, special_tokens, show_progress:
 def _train_sentencepiece(cls, texts, vocab_size, kind, special, extra):
     import sentencepiece as spm
 
-    floor = 256 + len(special) + len(extra)  # byte-fallback pieces + special pieces
+    floor = 256 + len({*special.values(), *extra})  # byte-fallback pieces + special pieces
     if vocab_size < floor:
         raise TokenizerError(f"vocab_size {vocab_size} is below the 256 byte pieces plus {floor - 256} special tokens")
 

@@ -451,4 +451,6 @@ def write_model_dir(out_dir, tensors: dict, config: dict, cfg: ModelConfig, dtyp
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     if cfg.pad_token_id is not None:
         gen["pad_token_id"] = cfg.pad_token_id
+    if cfg.decoder_start_token_id is not None:  # encoder-decoder (T5): transformers' generate needs it here
+        gen["decoder_start_token_id"] = cfg.decoder_start_token_id
     write_json(out / "generation_config.json", gen)

@@ -1,6 +1,8 @@
-"""Pre-training a decoder: documents -> tokenizer -> shards -> next-token loss through the one loop.
+"""Pre-training: documents -> tokenizer -> shards -> the family's objective through the one loop.
 
     lmlab pretrain --preset tiny --data world --out runs/pretrain
+    lmlab pretrain --family encoder --preset tiny --out runs/bert            (masked LM, train/objective_loaders.py)
+    lmlab pretrain --family encoder-decoder --preset tiny --out runs/t5      (T5 span corruption)
     torchrun --nproc_per_node=2 -m lmlab pretrain --preset tiny --data world --out runs/pretrain
 
 The run directory holds config.yaml, data/ (shards + tokenizer), metrics.jsonl, plots/, checkpoints/,
@@ -30,15 +32,34 @@ def documents(dc: DataConfig) -> list[str]:
     return list(iter_documents(dc.source, field=dc.field))
 
 
+def train_tokenizer(docs, dc: DataConfig, family: str, show_progress: bool = True):
+    """A tokenizer trained on the documents, with what the family's objective needs: byte-level BPE with the
+    chat tokens for decoders, WordPiece ([CLS] [SEP] [MASK] [PAD]) for BERT, SentencePiece unigram with the
+    100 sentinels <extra_id_N> for T5 (data.tokenizer_kind picks another kind)."""
+    from lmlab.chat import DEFAULT_SPECIAL_TOKENS
+    from lmlab.data.objectives import sentinel_tokens
+    from lmlab.tokenizer import Tokenizer
+
+    auto = {"decoder": "bpe", "encoder": "wordpiece", "encoder-decoder": "unigram"}[family]
+    kind = auto if dc.tokenizer_kind == "auto" else dc.tokenizer_kind
+    special, roles = None, None
+    if family == "encoder-decoder":
+        special = [*DEFAULT_SPECIAL_TOKENS, *sentinel_tokens(100)]
+    elif family == "encoder" and kind != "wordpiece":
+        roles = {"mask_token": "<mask>"}
+    return Tokenizer.train(docs, dc.vocab_size, kind=kind, special_tokens=special, special_roles=roles,
+                           show_progress=show_progress)
+
+
 def prepare_data(rc: RunConfig, shard_dir: Path, show_progress: bool = True):
     """Tokenizer + shards, made once by rank 0 (reused when the run resumes); -> the tokenizer."""
     from lmlab.data.shards import build_shards
-    from lmlab.tokenizer import Tokenizer, load_tokenizer
+    from lmlab.tokenizer import load_tokenizer
 
     if dist.is_main() and not (shard_dir / "index.json").exists():
         docs = documents(rc.data)
         if rc.data.tokenizer == "train":
-            tok = Tokenizer.train(docs, rc.data.vocab_size, kind=rc.data.tokenizer_kind, show_progress=show_progress)
+            tok = train_tokenizer(docs, rc.data, rc.model.family, show_progress)
         else:
             tok = load_tokenizer(rc.data.tokenizer)
         build_shards(docs, tok, shard_dir, val_fraction=rc.data.val_fraction, seed=rc.train.seed,
@@ -105,6 +126,27 @@ def token_loaders(shard_dir: Path, t, micro: int, desc: str):
     return loader, lambda m: evaluate_lm(m, val, t.eval_batches)
 
 
+def objective_loaders(family: str, model, tok, shard_dir: Path, t, micro: int):
+    """(loss_fn, training loader, eval_fn) of the encoder families' objectives over the token shards."""
+    from lmlab.data.shards import TokenLoader
+    from lmlab.data.text import DataError
+    from lmlab.train.objective_loaders import CorruptingLoader, evaluate_objective, objective, window_len
+
+    corrupt, loss_fn = objective(family, model, tok)
+    L = window_len(family, t.seq_len)
+
+    def loader(split):  # raw windows of L tokens: the TokenLoader's (x, y) pairs span L = seq_len + 1
+        return CorruptingLoader(TokenLoader(shard_dir, split, micro, L - 1, t.seed, dist.rank(), dist.world_size()),
+                                corrupt, t.seed)
+    try:
+        val = loader("val")
+        eval_fn = lambda m: evaluate_objective(m, val, loss_fn, t.eval_batches)  # noqa: E731
+    except DataError as e:
+        print(f"[pretrain] no validation: {e}")
+        eval_fn = None
+    return loss_fn, loader("train"), eval_fn
+
+
 def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None, show_progress: bool = True) -> dict:
     from lmlab.interop.hf import load_weights
     from lmlab.models import build
@@ -117,14 +159,22 @@ def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None
         out.mkdir(parents=True, exist_ok=True)
         rc.save_yaml(out / "config.yaml")
     tok = prepare_data(rc, out / "data", show_progress)
+    family = rc.model.family
     mc = rc.model.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id,
                           max_position_embeddings=max(rc.model.max_position_embeddings, t.seq_len))
+    if family == "encoder-decoder":  # T5 starts decoding from the pad token
+        mc = mc.replace(decoder_start_token_id=tok.pad_token_id)
     torch.manual_seed(t.seed)  # every rank builds the same initial weights
     model = build(mc)
     if torch.cuda.is_available():
         model = model.cuda()
-    loader, eval_fn = token_loaders(out / "data", t, micro, "pretrain")
+    if family == "decoder":
+        loss_fn, flops = causal_lm_loss(model, model), flops_per_token(model, t.seq_len)
+        loader, eval_fn = token_loaders(out / "data", t, micro, "pretrain")
+    else:
+        flops = None
+        loss_fn, loader, eval_fn = objective_loaders(family, model, tok, out / "data", t, micro)
 
     def save_model(d, state_dict):
         target = model
@@ -133,9 +183,9 @@ def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None
             target.load_state_dict(state_dict)
         target.save_pretrained(d)
 
-    summary = train(model, causal_lm_loss(model, model), loader, t, out, eval_fn=eval_fn, save_model=save_model,
+    summary = train(model, loss_fn, loader, t, out, eval_fn=eval_fn, save_model=save_model,
                     load_model=lambda m, d: load_weights(m, Path(d)), tokenizer=tok, resume=resume,
-                    flops_per_token=flops_per_token(model, t.seq_len), stop_at=stop_at, desc="pretrain")
+                    flops_per_token=flops, stop_at=stop_at, desc="pretrain")
     if summary["stopped"] != "completed":
         return summary
     final = out / "final"
@@ -144,7 +194,7 @@ def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None
         save_model(final, model_sd)
         tok.save_pretrained(final)
         (final / "lmlab.json").write_text(json.dumps({"stage": "pretrain", "config": rc.to_dict()}, indent=2))
-        report = {"stage": "pretrain", "val_loss": summary.get("val_loss"), "val_bpb": summary.get("val_bpb"),
+        report = {"stage": "pretrain", "family": family, "val_loss": summary.get("val_loss"), "val_bpb": summary.get("val_bpb"),
                   "val_ppl": summary.get("val_ppl"), "train_loss": summary["loss"], "steps": summary["step"],
                   "seconds": summary["seconds"], "params": model.num_params()}
         write_report(out, report, "Pre-training report")

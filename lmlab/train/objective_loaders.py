@@ -1,0 +1,127 @@
+"""Pre-training objectives of the encoder families, as loaders and losses for the one training loop.
+
+    BERT (masked LM):      window (B, T) -> inputs with 15% of tokens masked 80/10/10, labels (-100 elsewhere)
+    T5 (span corruption):  window (B, R) -> inputs with spans replaced by sentinels, targets "<x0> span0 <x1> ..."
+
+The masks are drawn from a generator seeded by (train.seed, rank, batches served), so a resumed run sees
+exactly the masks it would have seen; validation masks are fixed per batch, so val_loss is comparable
+across evaluations.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmlab.data.objectives import (
+    collate_span_corruption,
+    mask_tokens,
+    raw_length_for_inputs,
+    sentinel_ids,
+    span_corruption,
+)
+from lmlab.train import dist
+
+IGNORE = -100
+
+
+class CorruptingLoader:
+    """Wraps a TokenLoader of raw windows; `corrupt(window (B, L), seed) -> batch` makes the objective's batch."""
+
+    def __init__(self, inner, corrupt, seed: int):
+        self.inner, self.corrupt, self.seed, self.served = inner, corrupt, seed, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        x, y = next(self.inner)
+        self.served += 1
+        return self.corrupt(torch.cat([x, y[:, -1:]], dim=1), [self.seed, dist.rank(), self.served])
+
+    def iter_eval(self, max_batches=None):
+        for i, (x, y) in enumerate(self.inner.iter_eval(max_batches)):
+            yield self.corrupt(torch.cat([x, y[:, -1:]], dim=1), [self.seed, 10**6 + dist.rank(), i])
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.served = int(state["served"])
+
+    def __getattr__(self, name):  # tokens, text_bytes, steps_per_epoch ... of the wrapped loader
+        return getattr(self.inner, name)
+
+
+def window_len(family: str, seq_len: int) -> int:
+    """Raw tokens per training row: seq_len for BERT; for T5 the raw length whose corrupted inputs fill seq_len."""
+    return raw_length_for_inputs(seq_len) if family == "encoder-decoder" else seq_len
+
+
+def mlm_corrupter(tok, vocab_size: int, mlm_probability: float = 0.15):
+    if tok.mask_token_id is None:
+        raise ValueError("masked-LM pre-training needs a tokenizer with a mask token ([MASK] or <mask>)")
+    special = sorted(tok.special_ids)
+
+    def corrupt(window, seed):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        return mask_tokens(window, mask_token_id=tok.mask_token_id, vocab_size=vocab_size, special_ids=special,
+                           mlm_probability=mlm_probability, generator=g)  # (inputs, labels), each (B, T)
+    return corrupt
+
+
+def span_corrupter(tok, noise_density: float = 0.15, mean_span: float = 3.0):
+    sentinels, eos, pad = sentinel_ids(tok), tok.eos_token_id, tok.pad_token_id
+    if eos is None or pad is None:
+        raise ValueError("span corruption needs a tokenizer with eos and pad tokens")
+
+    def corrupt(window, seed):
+        rng = np.random.default_rng(seed)
+        pairs = []
+        for row in window.tolist():
+            row = [t for t in row if t not in sentinel_set]  # a sentinel in raw text is not kept
+            pairs.append(span_corruption(row, sentinel_ids=sentinels, eos_id=eos, noise_density=noise_density,
+                                         mean_noise_span_length=mean_span, rng=rng))
+        return collate_span_corruption(pairs, pad)  # input_ids (B, S), attention_mask (B, S), labels (B, L)
+    sentinel_set = set(sentinels)
+    return corrupt
+
+
+def mlm_loss(model):
+    """Cross-entropy over the masked positions only: batch = (inputs (B, T), labels (B, T))."""
+    def loss_fn(step_model, batch):
+        inputs, labels = (t.to(model.device) for t in batch)
+        logits = step_model(inputs)  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE), {}
+    return loss_fn
+
+
+def seq2seq_loss(model):
+    """Cross-entropy of the decoder on the targets: batch = (input_ids, attention_mask, labels (-100 = pad))."""
+    def loss_fn(step_model, batch):
+        ids, mask, labels = (t.to(model.device) for t in batch)
+        logits = step_model(ids, attention_mask=mask, labels=labels)  # (B, L, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE), {}
+    return loss_fn
+
+
+def objective(family: str, model, tok):
+    """(corrupt, loss_fn) of a family's pre-training objective."""
+    if family == "encoder":
+        return mlm_corrupter(tok, model.config.vocab_size), mlm_loss(model)
+    return span_corrupter(tok), seq2seq_loss(model)
+
+
+@torch.no_grad()
+def evaluate_objective(model, loader: CorruptingLoader, loss_fn, max_batches=None) -> dict:
+    """Mean loss over the validation split's fixed corruptions (all ranks together), per target token."""
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for batch in loader.iter_eval(max_batches):
+        labels = batch[-1]
+        n = int((labels != IGNORE).sum())
+        total += float(loss_fn(model, batch)[0]) * n
+        count += n
+    total, count = dist.total(total), dist.total(count)
+    loss = float(total / max(count, 1))
+    return {"val_loss": loss, "val_ppl": float(np.exp(min(loss, 50))), "val_tokens": int(count)}
