@@ -75,12 +75,19 @@ def stream(model, tok_or_ids, prompt: str | None = None, messages: list[dict] | 
     if it has none) renders the conversation and generation stops at eos or the end-of-turn token.
     Text pieces never split a multi-byte character."""
     compile = kw.pop("compile", False)
+
+    def steps(ids, tok):  # each new token id
+        if model.config.family == "encoder-decoder":  # T5: generated in one go (greedy or beams), then yielded
+            yield from generate(model, [ids], **kw)[0]
+            return
+        for step in stream_ids(model, [ids], _params(model, tok, kw), compile):
+            yield step[0]
+
     if prompt is None and messages is None:
         prompts, _ = _as_id_lists(tok_or_ids)
         if len(prompts) != 1:
             raise ValueError("stream takes one prompt")
-        for step in stream_ids(model, prompts, _params(model, None, kw), compile):
-            yield step[0]
+        yield from steps(prompts[0], None)
         return
     tok = tok_or_ids
     if messages is not None:
@@ -90,8 +97,8 @@ def stream(model, tok_or_ids, prompt: str | None = None, messages: list[dict] | 
     else:
         ids = tok.encode(prompt)
     new, emitted = [], ""
-    for step in stream_ids(model, [ids], _params(model, tok, kw), compile):
-        new.append(step[0])
+    for token in steps(ids, tok):
+        new.append(token)
         text = tok.decode(new, skip_special_tokens=True)
         # hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until its last byte arrives
         if not text.endswith("\ufffd") and text.startswith(emitted) and len(text) > len(emitted):

@@ -14,6 +14,10 @@ def _generate(args) -> int:
     model = lmlab.load_model(args.model, dtype=getattr(torch, args.dtype))
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, compile=args.compile)
+    if args.num_beams > 1:
+        if model.config.family != "encoder-decoder":
+            raise SystemExit("error: --num-beams is for encoder-decoder models (T5); decoders sample or decode greedily")
+        kw |= {"num_beams": args.num_beams}
     if args.ids is not None:
         ids = [int(t) for t in args.ids.split(",") if t.strip()]
         for tok in lmlab.stream(model, ids, **kw):
@@ -27,6 +31,22 @@ def _generate(args) -> int:
         for piece in lmlab.stream(model, tok, **kw):
             print(piece, end="", flush=True)
     print()
+    return 0
+
+
+def _embed(args) -> int:
+    import sys
+
+    import lmlab
+
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin]
+    model = lmlab.load_model(args.model)
+    if model.config.family != "encoder":
+        raise SystemExit(f"error: {args.model} is a {model.config.family} model; embed needs an encoder (BERT/RoBERTa)")
+    vectors = lmlab.embed(model, lmlab.load_tokenizer(args.model), texts, normalize=not args.no_normalize,
+                          batch_size=args.batch_size)
+    for v in vectors.tolist():
+        print(json.dumps([round(x, 7) for x in v]))
     return 0
 
 
@@ -186,7 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats; 1 = off")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search width (encoder-decoder models)")
     g.set_defaults(func=_generate)
+
+    em = sub.add_parser("embed", help="sentence embeddings of an encoder (mean-pooled); one JSON list per text",
+                        formatter_class=fmt)
+    em.add_argument("--model", required=True, help="encoder model directory (BERT/RoBERTa, e.g. sentence-transformers)")
+    em.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the vectors")
+    em.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    em.add_argument("text", nargs="*", help="texts to embed (default: one per line of stdin)")
+    em.set_defaults(func=_embed)
 
     t = sub.add_parser("tokenizer", help="train a tokenizer or encode text", formatter_class=fmt)
     tsub = t.add_subparsers(dest="action", metavar="ACTION", required=True)

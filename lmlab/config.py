@@ -131,8 +131,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        # derived values are left out (recomputed on load), so `--set model.hidden_size=...` or
+        # `model.num_attention_heads=...` keeps them in step
         if self.head_dim == self.hidden_size // self.num_attention_heads:
-            del d["head_dim"]  # derived: recomputed on load, so `--set model.hidden_size=...` keeps it in step
+            del d["head_dim"]
+        if self.num_key_value_heads == self.num_attention_heads:
+            del d["num_key_value_heads"]
         return d
 
     @classmethod
@@ -280,6 +284,11 @@ class DataConfig:
     world_mix_qa: bool = True  # pre-training on the world: mix the SFT people's QA (chat format) into the bios
     packing: bool = True  # SFT: pack short conversations into train.seq_len rows
     world_eval_limit: int = 0  # post-training on the world: questions per split in the final scoring (0 = all)
+    # the encoder families' pre-training objectives (pretrain --family encoder | encoder-decoder)
+    mlm_probability: float = 0.15  # BERT: fraction of tokens selected (80% [MASK], 10% random, 10% kept)
+    whole_word_mask: bool = False  # BERT: select whole words, never part of one
+    noise_density: float = 0.15  # T5 span corruption: fraction of tokens corrupted
+    mean_noise_span_length: float = 3.0  # T5: mean corrupted span length
 
 
 @dataclass

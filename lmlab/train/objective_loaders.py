@@ -19,6 +19,7 @@ from lmlab.data.objectives import (
     raw_length_for_inputs,
     sentinel_ids,
     span_corruption,
+    word_ids_from_tokens,
 )
 from lmlab.train import dist
 
@@ -54,20 +55,35 @@ class CorruptingLoader:
         return getattr(self.inner, name)
 
 
-def window_len(family: str, seq_len: int) -> int:
+def window_len(family: str, seq_len: int, dc) -> int:
     """Raw tokens per training row: seq_len for BERT; for T5 the raw length whose corrupted inputs fill seq_len."""
-    return raw_length_for_inputs(seq_len) if family == "encoder-decoder" else seq_len
+    if family == "encoder-decoder":
+        return raw_length_for_inputs(seq_len, dc.noise_density, dc.mean_noise_span_length)
+    return seq_len
 
 
-def mlm_corrupter(tok, vocab_size: int, mlm_probability: float = 0.15):
+def word_scheme(tok) -> str:
+    """How a tokenizer marks words: SentencePiece's "▁", WordPiece's "##" continuations, or byte-level "Ġ"."""
+    if tok.backend == "sentencepiece":
+        return "metaspace"
+    tokens = (tok.id_to_token(i) for i in range(tok.vocab_size))
+    return "wordpiece" if any(t and t.startswith("##") for t in tokens) else "bytelevel"
+
+
+def mlm_corrupter(tok, vocab_size: int, mlm_probability: float = 0.15, whole_word: bool = False):
     if tok.mask_token_id is None:
         raise ValueError("masked-LM pre-training needs a tokenizer with a mask token ([MASK] or <mask>)")
     special = sorted(tok.special_ids)
+    scheme, special_tokens = word_scheme(tok), {tok.id_to_token(i) for i in special}
 
     def corrupt(window, seed):
         g = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        words = None
+        if whole_word:  # (B, T) word index per token, -1 for specials
+            words = torch.tensor([word_ids_from_tokens([tok.id_to_token(i) for i in row], scheme, special_tokens)
+                                  for row in window.tolist()])
         return mask_tokens(window, mask_token_id=tok.mask_token_id, vocab_size=vocab_size, special_ids=special,
-                           mlm_probability=mlm_probability, generator=g)  # (inputs, labels), each (B, T)
+                           mlm_probability=mlm_probability, generator=g, word_ids=words)  # (inputs, labels)
     return corrupt
 
 
@@ -106,11 +122,11 @@ def seq2seq_loss(model):
     return loss_fn
 
 
-def objective(family: str, model, tok):
-    """(corrupt, loss_fn) of a family's pre-training objective."""
+def objective(family: str, model, tok, dc):
+    """(corrupt, loss_fn) of a family's pre-training objective, with the data.* settings in `dc`."""
     if family == "encoder":
-        return mlm_corrupter(tok, model.config.vocab_size), mlm_loss(model)
-    return span_corrupter(tok), seq2seq_loss(model)
+        return mlm_corrupter(tok, model.config.vocab_size, dc.mlm_probability, dc.whole_word_mask), mlm_loss(model)
+    return span_corrupter(tok, dc.noise_density, dc.mean_noise_span_length), seq2seq_loss(model)
 
 
 @torch.no_grad()

@@ -47,8 +47,11 @@ def train_tokenizer(docs, dc: DataConfig, family: str, show_progress: bool = Tru
         special = [*DEFAULT_SPECIAL_TOKENS, *sentinel_tokens(100)]
     elif family == "encoder" and kind != "wordpiece":
         roles = {"mask_token": "<mask>"}
-    return Tokenizer.train(docs, dc.vocab_size, kind=kind, special_tokens=special, special_roles=roles,
-                           show_progress=show_progress)
+    tok = Tokenizer.train(docs, dc.vocab_size, kind=kind, special_tokens=special, special_roles=roles,
+                          show_progress=show_progress)
+    if family == "encoder-decoder" and tok.backend == "sentencepiece":  # T5's convention: no bos, text ends with </s>
+        tok.add_bos_token, tok.add_eos_token = False, True
+    return tok
 
 
 def prepare_data(rc: RunConfig, shard_dir: Path, show_progress: bool = True):
@@ -126,14 +129,14 @@ def token_loaders(shard_dir: Path, t, micro: int, desc: str):
     return loader, lambda m: evaluate_lm(m, val, t.eval_batches)
 
 
-def objective_loaders(family: str, model, tok, shard_dir: Path, t, micro: int):
+def objective_loaders(family: str, model, tok, shard_dir: Path, t, dc: DataConfig, micro: int):
     """(loss_fn, training loader, eval_fn) of the encoder families' objectives over the token shards."""
     from lmlab.data.shards import TokenLoader
     from lmlab.data.text import DataError
     from lmlab.train.objective_loaders import CorruptingLoader, evaluate_objective, objective, window_len
 
-    corrupt, loss_fn = objective(family, model, tok)
-    L = window_len(family, t.seq_len)
+    corrupt, loss_fn = objective(family, model, tok, dc)
+    L = window_len(family, t.seq_len, dc)
 
     def loader(split):  # raw windows of L tokens: the TokenLoader's (x, y) pairs span L = seq_len + 1
         return CorruptingLoader(TokenLoader(shard_dir, split, micro, L - 1, t.seed, dist.rank(), dist.world_size()),
@@ -174,7 +177,7 @@ def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None
         loader, eval_fn = token_loaders(out / "data", t, micro, "pretrain")
     else:
         flops = None
-        loss_fn, loader, eval_fn = objective_loaders(family, model, tok, out / "data", t, micro)
+        loss_fn, loader, eval_fn = objective_loaders(family, model, tok, out / "data", t, rc.data, micro)
 
     def save_model(d, state_dict):
         target = model
