@@ -104,3 +104,6 @@ def stream(model, tok_or_ids, prompt: str | None = None, messages: list[dict] | 
         if not text.endswith("\ufffd") and text.startswith(emitted) and len(text) > len(emitted):
             yield text[len(emitted):]
             emitted = text
+    text = tok.decode(new, skip_special_tokens=True)
+    if text.startswith(emitted) and len(text) > len(emitted):  # generation ended inside a character
+        yield text[len(emitted):]

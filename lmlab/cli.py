@@ -66,10 +66,14 @@ def _tokenizer(args) -> int:
 
 
 def _run_config(args):
-    """Preset -> model.*, then --config FILE, then --set overrides; data/tokenizer flags as data.*."""
-    from lmlab.config import RunConfig, apply_overrides, preset
+    """Preset -> model.* (+ the family's train/data defaults), then --config FILE, then --set overrides;
+    data/tokenizer flags as data.*."""
+    from lmlab.config import FAMILY_DEFAULTS, RunConfig, apply_overrides, preset
 
-    d = {"model": preset(args.preset, getattr(args, "family", None)).to_dict(), "train": {}, "data": {}}
+    family = getattr(args, "family", None)
+    d = {"model": preset(args.preset, family).to_dict(), "train": {}, "data": {}}
+    for section, values in FAMILY_DEFAULTS.get(family, {}).items():
+        d[section].update(values)
     if args.config:
         loaded = RunConfig.load_yaml(args.config).to_dict()
         for section in d:

@@ -164,6 +164,25 @@ def test_seq2seq_generate_and_cli(runs, tmp_path):
         assert res.stdout.rstrip("\n") == want
 
 
+def test_seq2seq_lora_trains_adapters_only(runs, tmp_path):
+    """LoRA on a T5 adapts its attention (q k v o) and MLP projections, nothing else; the merged final/ is a
+    T5ForConditionalGeneration with lmlab's logits."""
+    data = tmp_path / "s2s.jsonl"
+    data.write_text("\n".join(json.dumps({"input": f"copy: {w}", "target": w}) for w in ["red", "blue"] * 8))
+    rc = task_config("seq2seq", ["lora.r=4", f"data.source={data}"])
+    model = tasks.task_model("seq2seq", runs["encoder-decoder"][0] / "final", rc, None)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} >= {"q", "k", "v", "o", "up_proj", "down_proj"}
+    out = tmp_path / "run"
+    tasks.run(rc, runs["encoder-decoder"][0] / "final", out, "seq2seq")
+    ours = lmlab.load_model(out / "final")
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(out / "final").eval()
+    x, dec = torch.tensor([[5, 6, 7, 2]]), torch.tensor([[0, 9, 4]])
+    with torch.no_grad():
+        assert (ours(x, decoder_input_ids=dec) - hf(input_ids=x, decoder_input_ids=dec).logits).abs().max() <= 1e-4
+
+
 def test_task_errors_name_the_problem(runs, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": 1}\n{"txt": "oops", "label": 0}\n')

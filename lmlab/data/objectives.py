@@ -117,8 +117,8 @@ def mlm_collate(seqs: Sequence[Sequence[int]], *, pad_id: int, mask_token_id: in
 
     Padding is never selected; word_ids (one list per sequence) are padded with -1. mask_kw goes to
     mask_tokens (mlm_probability, mask_replace_prob, random_replace_prob, generator)."""
-    ids, attention_mask = _pad([list(s) for s in seqs], pad_id)
-    words = None if word_ids is None else _pad([list(w) for w in word_ids], -1)[0]
+    ids, attention_mask = pad_with_mask([list(s) for s in seqs], pad_id)
+    words = None if word_ids is None else pad_with_mask([list(w) for w in word_ids], -1)[0]
     inputs, labels = mask_tokens(ids, mask_token_id=mask_token_id, vocab_size=vocab_size,
                                  special_ids={*special_ids, pad_id}, word_ids=words, **mask_kw)
     return inputs, attention_mask, labels
@@ -321,12 +321,12 @@ def raw_length_for_inputs(inputs_length: int, noise_density: float = 0.15,
 def collate_span_corruption(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
     """[(inputs, targets), ...] -> input_ids (B, S), attention_mask (B, S), labels (B, L), int64, right-padded:
     inputs with pad_id, labels with -100 (the decoder's inputs are the labels shifted right, T5's model does it)."""
-    input_ids, attention_mask = _pad([list(i) for i, _ in pairs], pad_id)
-    labels, _ = _pad([list(t) for _, t in pairs], IGNORE_INDEX)
+    input_ids, attention_mask = pad_with_mask([list(i) for i, _ in pairs], pad_id)
+    labels, _ = pad_with_mask([list(t) for _, t in pairs], IGNORE_INDEX)
     return input_ids, attention_mask, labels
 
 
-def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_with_mask(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest -> (ids (B, T), attention_mask (B, T)) int64."""
     if not seqs:
         raise ValueError("cannot collate an empty batch")

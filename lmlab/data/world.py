@@ -408,16 +408,18 @@ class World:
         rng.shuffle(out)
         return out
 
-    def extractive_qa(self) -> list[dict]:
+    def extractive_qa(self, contexts: int = 1) -> list[dict]:
         """{"question", "context" (a bio), "answer" (a substring of it), "answer_start", "text" (T5 style:
-        "question: ... context: ...")}, `extractive_per_person` per person (everyone: the answer is in the context)."""
+        "question: ... context: ..."), "name"}, `extractive_per_person` per person and context, with `contexts`
+        freshly paraphrased bios per person (everyone: the answer is in the context)."""
         rng, out = self._rng("extractive"), []
-        for p in self.people:
-            context, starts = self._bio(rng, p)
-            for a in rng.sample(ATTRIBUTES, self.extractive_per_person):
-                q = rng.choice(QUESTIONS[a]).format(name=p.name)
-                out.append({"question": q, "context": context, "answer": p.value(a), "answer_start": starts[a],
-                            "text": f"question: {q} context: {context}"})
+        for _ in range(contexts):
+            for p in self.people:
+                context, starts = self._bio(rng, p)
+                for a in rng.sample(ATTRIBUTES, self.extractive_per_person):
+                    q = rng.choice(QUESTIONS[a]).format(name=p.name)
+                    out.append({"question": q, "context": context, "answer": p.value(a), "answer_start": starts[a],
+                                "text": f"question: {q} context: {context}", "name": p.name})
         return out
 
     def facts(self) -> list[dict]:

@@ -13,15 +13,11 @@ from lmlab.inference.sampling import SamplingParams, apply_repetition_penalty, s
 def pad_right(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder inputs (B, S) and attention mask (B, S), padded on the right (T5's relative positions make the
     side irrelevant)."""
+    from lmlab.data.objectives import pad_with_mask
+
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    S = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), S), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), S), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-        mask[b, : len(p)] = 1
-    return ids, mask
+    return pad_with_mask(prompts, pad_id)
 
 
 def generate_seq2seq(model, prompts: list[list[int]], max_new_tokens: int = 64, num_beams: int = 1,

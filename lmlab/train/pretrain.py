@@ -23,11 +23,17 @@ from lmlab.train.loop import train
 from lmlab.train.posttrain import write_report
 
 
-def documents(dc: DataConfig) -> list[str]:
-    """The text of data.source: the built-in world's pre-training corpus, or files/folders/globs."""
+def documents(dc: DataConfig, family: str = "decoder") -> list[str]:
+    """The text of data.source: the built-in world's pre-training corpus, or files/folders/globs. The encoder
+    families' world corpus is the bios plus the texts of the sentiment reviews (no labels), the domain their
+    fine-tuning tasks read (a tokenizer trained on bios alone splits most sentiment words into pieces)."""
     if dc.source == "world":
         from lmlab.data.world import make_world
-        return make_world(seed=dc.world_seed, n_people=dc.world_people).pretrain_docs(mix_qa=dc.world_mix_qa)
+        from lmlab.train.tasks import N_REVIEWS
+        if family == "decoder":
+            return make_world(seed=dc.world_seed, n_people=dc.world_people).pretrain_docs(mix_qa=dc.world_mix_qa)
+        w = make_world(seed=dc.world_seed, n_people=dc.world_people, n_reviews=N_REVIEWS)
+        return w.pretrain_docs(mix_qa=False) + [r["text"] for r in w.reviews()]
     from lmlab.data.text import iter_documents
     return list(iter_documents(dc.source, field=dc.field))
 
@@ -60,7 +66,7 @@ def prepare_data(rc: RunConfig, shard_dir: Path, show_progress: bool = True):
     from lmlab.tokenizer import load_tokenizer
 
     if dist.is_main() and not (shard_dir / "index.json").exists():
-        docs = documents(rc.data)
+        docs = documents(rc.data, rc.model.family)
         if rc.data.tokenizer == "train":
             tok = train_tokenizer(docs, rc.data, rc.model.family, show_progress)
         else:
