@@ -371,16 +371,20 @@ def test_span_corruption_is_random_and_deterministic():
     assert abs(freq.mean() - 6 / 40) < 1e-9
 
 
-@pytest.mark.parametrize("length", range(1, 11))
+@pytest.mark.parametrize("length", range(2, 11))
 def test_span_corruption_short_sequences(length):
+    """T5 keeps at least one noise and one non-noise token, however short the sequence."""
     ids = list(range(10, 10 + length))
+    noise = []  # corrupted tokens per seed
     for seed in range(20):
         inputs, targets = ob.span_corruption(ids, sentinel_ids=SENT, eos_id=EOS, rng=np.random.default_rng(seed))
-        spans = check_pair(ids, inputs, targets)
-        if length >= 2:  # T5 keeps at least one noise and one non-noise token
-            assert 1 <= sum(spans) <= length - 1
-        else:
-            assert (inputs, targets) == (ids + [EOS], [EOS])
+        noise.append(sum(check_pair(ids, inputs, targets)))
+    assert min(noise) >= 1 and max(noise) <= length - 1, noise
+
+
+def test_span_corruption_single_token_is_left_whole():
+    inputs, targets = ob.span_corruption([10], sentinel_ids=SENT, eos_id=EOS, rng=np.random.default_rng(0))
+    assert (inputs, targets) == ([10, EOS], [EOS])
 
 
 def test_span_corruption_errors():
