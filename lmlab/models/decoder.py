@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from lmlab.config import ModelConfig
-from lmlab.models.layers import MLP, Attention, KVCache, MoE, Rotary, load_balancing_loss, make_norm
+from lmlab.models.layers import MLP, Attention, KVCache, ModelBase, MoE, Rotary, load_balancing_loss, make_norm
 from lmlab.models.layers import attention_mask as build_mask
 
 
@@ -30,7 +30,7 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Decoder(nn.Module):
+class Decoder(ModelBase):
     family = "decoder"
 
     def __init__(self, cfg: ModelConfig):
@@ -62,14 +62,6 @@ class Decoder(nn.Module):
             else:
                 p.normal_(0, std)
         self.tie_weights()
-
-    @property
-    def device(self):
-        return self.embed.weight.device
-
-    @property
-    def dtype(self):
-        return self.embed.weight.dtype
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """Final normalised hidden states (B, T, H). Arguments as in `forward`."""
@@ -137,9 +129,6 @@ class Decoder(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def save_pretrained(self, out_dir, **kw):
         from lmlab.interop.hf import save_pretrained

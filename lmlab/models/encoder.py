@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
-from lmlab.models.layers import ACT, MLP, Attention, make_norm
+from lmlab.models.layers import ACT, MLP, Attention, ModelBase, make_norm
 
 
 class Block(nn.Module):
@@ -72,19 +72,8 @@ def _init(module: nn.Module, std: float):
             m.weight[m.padding_idx].zero_()
 
 
-class _Saveable:
+class _Saveable(ModelBase):
     """Shared by Encoder and EncoderClassifier."""
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def save_pretrained(self, out_dir, dtype=None, **kw):
         """A transformers directory: Bert/Roberta Model, ForMaskedLM, ForSequenceClassification or
@@ -93,7 +82,7 @@ class _Saveable:
         save_pretrained(self, out_dir, dtype=dtype, **kw)
 
 
-class Encoder(_Saveable, nn.Module):
+class Encoder(_Saveable):
     """BERT / RoBERTa backbone with an optional masked-LM head and pooler (names mirror the decoder's)."""
 
     family = "encoder"
@@ -185,7 +174,7 @@ class ClassificationHead(nn.Module):
         return self.out_proj(torch.tanh(self.dense(x)))
 
 
-class EncoderClassifier(_Saveable, nn.Module):
+class EncoderClassifier(_Saveable):
     """An encoder with a classification head, as transformers' *ForSequenceClassification / *ForTokenClassification.
 
     kind="sequence": BERT: classifier(pooler(h)); RoBERTa: classifier.out_proj(tanh(classifier.dense(h[:, 0]))).

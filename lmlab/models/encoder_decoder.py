@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError
-from lmlab.models.layers import MLP, KVCache, RMSNorm
+from lmlab.models.layers import MLP, KVCache, ModelBase, RMSNorm
 
 
 def check_config(cfg: ModelConfig):
@@ -154,7 +154,7 @@ class Stack(nn.Module):
         return self.norm(x)
 
 
-class T5(nn.Module):
+class T5(ModelBase):
     family = "encoder-decoder"
 
     def __init__(self, cfg: ModelConfig):
@@ -192,17 +192,6 @@ class T5(nn.Module):
             else:  # k, v, wi, rel_bias, untied lm_head
                 p.normal_(0, h ** -0.5)
         self.tie_weights()
-
-    @property
-    def device(self):
-        return self.embed.weight.device
-
-    @property
-    def dtype(self):
-        return self.embed.weight.dtype
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def new_cache(self, batch_size: int, max_len: int) -> Seq2SeqCache:
         """A cache for decoding up to max_len decoder positions (the start token counts)."""

@@ -14,9 +14,10 @@ import torch
 import torch.nn as nn
 
 from lmlab.errors import CheckpointError
+from lmlab.models.layers import ModelBase
 
 
-class ScalarHead(nn.Module):
+class ScalarHead(ModelBase):
     family = "decoder"
 
     def __init__(self, backbone):
@@ -27,14 +28,6 @@ class ScalarHead(nn.Module):
                                device=backbone.device, dtype=backbone.dtype)
         if backbone.device.type != "meta":
             nn.init.normal_(self.score.weight, std=1 / (backbone.config.hidden_size + 1) ** 0.5)
-
-    @property
-    def device(self):
-        return self.backbone.device
-
-    @property
-    def dtype(self):
-        return self.backbone.dtype
 
     def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
         """input_ids (B, T) -> values (B, T) in float32."""
@@ -49,9 +42,6 @@ class ScalarHead(nn.Module):
         positions = torch.arange(values.shape[1], device=values.device)
         last = (positions * attention_mask.to(values.device)).argmax(-1)  # (B,)
         return values.gather(1, last[:, None]).squeeze(1)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def save_pretrained(self, out_dir, dtype=None, **kw):
         from lmlab.interop.hf import config_to_hf, hf_state_dict, write_model_dir

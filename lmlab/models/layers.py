@@ -13,6 +13,22 @@ import torch.nn.functional as F
 from lmlab.config import ModelConfig
 
 
+class ModelBase(nn.Module):
+    """What every lmlab model answers: its device and dtype (those of its first weight) and its parameter count
+    (tied weights counted once)."""
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
 # ----------------------------------------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
