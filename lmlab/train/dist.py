@@ -19,6 +19,13 @@ def init() -> None:
         td.init_process_group(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        import atexit
+        atexit.register(_shutdown)  # leave the group before exit: gloo's threads can abort a teardown otherwise
+
+
+def _shutdown() -> None:
+    if td.is_initialized():
+        td.destroy_process_group()
 
 
 def active() -> bool:
