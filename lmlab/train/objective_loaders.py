@@ -104,15 +104,6 @@ def span_corrupter(tok, noise_density: float = 0.15, mean_span: float = 3.0):
     return corrupt
 
 
-def mlm_loss(model):
-    """Cross-entropy over the masked positions only: batch = (inputs (B, T), labels (B, T))."""
-    def loss_fn(step_model, batch):
-        inputs, labels = (t.to(model.device) for t in batch)
-        logits = step_model(inputs)  # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE), {}
-    return loss_fn
-
-
 def seq2seq_loss(model):
     """Cross-entropy of the decoder on the targets: batch = (input_ids, attention_mask, labels (-100 = pad))."""
     def loss_fn(step_model, batch):
@@ -123,9 +114,12 @@ def seq2seq_loss(model):
 
 
 def objective(family: str, model, tok, dc):
-    """(corrupt, loss_fn) of a family's pre-training objective, with the data.* settings in `dc`."""
+    """(corrupt, loss_fn) of a family's pre-training objective, with the data.* settings in `dc`. The MLM loss
+    is SFT's: cross-entropy where the label is not -100 (here: the selected tokens)."""
+    from lmlab.train.sft import masked_lm_loss
+
     if family == "encoder":
-        return mlm_corrupter(tok, model.config.vocab_size, dc.mlm_probability, dc.whole_word_mask), mlm_loss(model)
+        return mlm_corrupter(tok, model.config.vocab_size, dc.mlm_probability, dc.whole_word_mask), masked_lm_loss(model)
     return span_corrupter(tok, dc.noise_density, dc.mean_noise_span_length), seq2seq_loss(model)
 
 

@@ -27,7 +27,7 @@ DEFAULTS = {"train": {"max_steps": 150, "batch_size": 8, "seq_len": 256, "lr": 1
 
 
 def masked_lm_loss(model):
-    """Mean cross-entropy over the positions whose label is not IGNORE (assistant tokens)."""
+    """Mean cross-entropy over the positions whose label is not IGNORE (SFT: assistant tokens; BERT: masked ones)."""
     def loss_fn(step_model, batch):
         x, y = (t.to(model.device) for t in batch)
         logits = step_model(x)  # (B, T, V)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.config import ConfigError, RunConfig
+from lmlab.config import ConfigError, LoRAConfig, RunConfig
 from lmlab.data.objectives import collate_span_corruption, pad_with_mask
 from lmlab.data.text import DataError, iter_records
 from lmlab.train import dist
@@ -122,8 +122,7 @@ def task_model(task: str, model_dir, rc: RunConfig, labels: list[str] | None):
     if rc.lora.r:
         torch.manual_seed(rc.train.seed)
         targets = rc.lora.targets if isinstance(rc.lora.targets, str) else tuple(rc.lora.targets)
-        if family == "encoder-decoder" and targets == tuple(type(rc.lora).__dataclass_fields__["targets"]
-                                                              .default_factory()):
+        if family == "encoder-decoder" and targets == tuple(LoRAConfig().targets):
             targets = T5_LORA_TARGETS  # T5's attention projections are named q, k, v, o
         apply_lora(model, rc.lora.r, rc.lora.alpha, rc.lora.dropout, targets)
         if task == "classify":  # the new head (and BERT's pooler) train with the adapters
