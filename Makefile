@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so that nothing resolves it to a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	# CMAKE_BUILD_PARALLEL_LEVEL: llama-cpp-python (a test extra) compiles llama.cpp on every core
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[test]"
 	# llama.cpp's tokenizer test vectors, from the llama-cpp-python source package (test data only)
 	bash tests/fetch_llamacpp_vocab.sh $(BIN)/pip
 	touch $@

@@ -18,7 +18,13 @@ from lmlab.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "LmlabError", "ModelConfig", "SamplingParams", "Tokenizer", "build",
-           "embed", "generate", "load_model", "load_tokenizer", "preset", "stream"]
+           "embed", "export_gguf", "generate", "load_model", "load_tokenizer", "preset", "stream"]
+
+
+def export_gguf(model_dir, out_path, dtype: str = "f32", name: str | None = None):
+    """Write a model directory (with its tokenizer) as a GGUF file llama.cpp runs; dtype f32 | f16 | q8_0."""
+    from lmlab.interop.gguf import export_gguf as _export
+    return _export(model_dir, out_path, dtype=dtype, name=name)
 
 
 def _params(model, tok, kw) -> SamplingParams:

@@ -189,6 +189,15 @@ def _info(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import lmlab
+
+    out = lmlab.export_gguf(args.model, args.out, dtype=args.dtype, name=args.name)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype}); run it with llama.cpp: "
+          f"llama-cli -m {out}  (or Ollama / LM Studio)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmlab", description="Build, train, align and serve language models.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -328,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json, PEFT layout)")
     m.add_argument("--out", required=True, help="output model directory")
     m.set_defaults(func=_merge_lora)
+
+    x = sub.add_parser("export", help="export a model directory for other runtimes", formatter_class=fmt)
+    xsub = x.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    xg = xsub.add_parser("gguf", help="a GGUF file that llama.cpp, Ollama and LM Studio run (model + tokenizer + "
+                         "chat template)", formatter_class=fmt)
+    xg.add_argument("--model", required=True, help="model directory (Llama, Mistral, Mixtral, Qwen2, GPT-2, BERT)")
+    xg.add_argument("--out", required=True, help="output .gguf file (written atomically)")
+    xg.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
+                    help="weight type; norms and biases stay f32, q8_0 falls back to f16 for rows not a multiple of 32")
+    xg.add_argument("--name", default=None, help="general.name in the file (default: the run or directory name)")
+    x.set_defaults(func=_export)
 
     i = sub.add_parser("info", help="print a model directory's config and parameter count", formatter_class=fmt)
     i.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
