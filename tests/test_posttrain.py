@@ -143,9 +143,9 @@ def test_reward_model_matches_transformers_classifier(preset, tmp_path, tok):
     rm = ScalarHead(lmlab.build(lmlab.preset(preset, **kw))).eval()
     rm.save_pretrained(tmp_path)
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    pairs = [encode_pair(tok, p) for p in to_pairs(load_rankings("world", 3, 20)[:3])]
-    from lmlab.train.reward import collate_pairs
-    ids, mask, _ = collate_pairs(tok.pad_token_id)(pairs)
+    from lmlab.data.prefs import encode_ranking
+    from lmlab.train.reward import collate_rankings
+    ids, mask = collate_rankings(tok.pad_token_id)([encode_ranking(tok, r) for r in load_rankings("world", 3, 20)[:3]])[:2]
     assert not bool(mask.all())  # a padded batch
     with torch.no_grad():
         ours = rm.reward(ids, mask)

@@ -174,7 +174,7 @@ def test_preferences_are_ranked_by_gold_reward(world):
         name, attr, person = world.parse_prompt(r["prompt"])
         scores = [world.gold_reward(r["prompt"], x) for x in r["responses"]]
         assert scores == r["scores"] and all(a > b for a, b in zip(scores, scores[1:], strict=False)), r
-        assert len(r["responses"]) == (4 if person else 3), r  # no candidate lost to a tie
+        assert len(r["responses"]) == (5 if person else 4), r  # no candidate lost to a tie
         gold = W.answer(name, attr, person.facts()) if person else W.IDK.format(name=name)
         assert r["responses"][0] == W.REPLY_PREFIX + gold
         assert gold_reward(r["prompt"], r["responses"][0], world=world) == scores[0]

@@ -60,7 +60,7 @@ def test_sft_teaches_the_seen_people_qa(chain):
 def test_reward_model_ranks_held_out_pairs(chain):
     """Measured: pair accuracy 0.567 on 756 held-out pairs (chance 0.5, one standard error 0.018); an answer
     about a known person beats "I don't know" in 0.73 of those pairs."""
-    from lmlab.data.prefs import encode_pair, load_rankings, split_rankings, to_pairs
+    from lmlab.data.prefs import encode_ranking, load_rankings, split_rankings, to_pairs
     from lmlab.data.world import IDK
     from lmlab.train.reward import pair_accuracy
 
@@ -72,7 +72,8 @@ def test_reward_model_ranks_held_out_pairs(chain):
     idk_pairs = [p for p in to_pairs(val) if world.parse_prompt(p["prompt"])[2] is not None
                  and p["rejected"].strip() == IDK.format(name=world.parse_prompt(p["prompt"])[0])]
     assert len(idk_pairs) >= 20
-    acc = pair_accuracy(rm, [encode_pair(tok, p) for p in idk_pairs], tok.pad_token_id)["pair_acc"]
+    pairs = [encode_ranking(tok, {"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]]}) for p in idk_pairs]
+    acc = pair_accuracy(rm, pairs, tok.pad_token_id)["pair_acc"]
     assert acc >= 0.6, acc
 
 
@@ -97,3 +98,32 @@ def test_ppo_with_the_gold_reward_raises_it_with_bounded_kl(chain):
 def test_ppo_with_the_learned_reward_model_raises_gold_reward(chain):
     assert chain["ppo_rm"]["gold_reward"] > chain["sft"]["gold_reward"], (chain["sft"], chain["ppo_rm"])
     assert chain["ppo_rm"]["kl"] < 10
+
+
+def test_the_sft_model_runs_in_llamacpp_as_gguf(chain, tmp_path):
+    """A model lmlab trained with its own tokenizer, exported to GGUF: llama.cpp renders the chat from the file's
+    template and decodes the same greedy answers to world questions as lmlab (it was trained on these)."""
+    import numpy as np
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (test extra) runs the exported file")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from lmlab.chat import encode_chat, stop_token_ids
+    sft_dir = chain["root"] / "sft" / "final"
+    model, tok = lmlab.load_model(sft_dir), lmlab.load_tokenizer(sft_dir)
+    path = lmlab.export_gguf(sft_dir, tmp_path / "sft.gguf", dtype="f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    meta, stops = llm.metadata, set(stop_token_ids(tok))
+    bos, eos = (llm.detokenize([int(meta[f"tokenizer.ggml.{r}_token_id"])], special=True).decode() for r in ("bos", "eos"))
+    fmt = Jinja2ChatFormatter(meta["tokenizer.chat_template"], eos_token=eos, bos_token=bos)
+    for q in make_world().eval_questions("seen")[:4]:
+        messages = [{"role": "user", "content": q["question"]}]
+        ids = llm.tokenize(fmt(messages=messages).prompt.encode(), add_bos=False, special=True)
+        assert ids == encode_chat(tok, messages, add_generation_prompt=True)[0]
+        llm.reset()
+        llm.eval(ids)
+        theirs = []
+        while len(theirs) < 40 and (not theirs or theirs[-1] not in stops):
+            theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(theirs[-1:])
+        ours = lmlab.generate(model, ids, max_new_tokens=len(theirs), temperature=0.0)
+        assert theirs == ours[:len(theirs)], (q["question"], tok.decode(theirs), tok.decode(ours))

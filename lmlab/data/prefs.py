@@ -81,6 +81,18 @@ def chat_of(prompt, response: str | None = None) -> list[dict]:
     return messages + ([{"role": "assistant", "content": response}] if response is not None else [])
 
 
+def encode_ranking(tok, ranking: dict, margin: float = 0.0) -> dict:
+    """Each response of a ranking encoded once, and its pairs by index: {"responses": [(ids, mask), ...] best
+    first, "pairs": [(better, worse, margin), ...]}. The reward model scores K responses with K forward rows
+    instead of the K(K-1) rows of its pairs (InstructGPT's batching)."""
+    from lmlab.chat import encode_chat
+
+    resp = ranking["responses"]
+    return {"responses": [encode_chat(tok, chat_of(ranking["prompt"], r)) for r in resp],
+            "pairs": [(i, j, ranking.get("margin", margin * (j - i)))
+                      for i in range(len(resp)) for j in range(i + 1, len(resp))]}
+
+
 def encode_pair(tok, pair: dict) -> dict:
     """Token ids and assistant masks of both sides: {"chosen": (ids, mask), "rejected": (ids, mask), "margin"}."""
     from lmlab.chat import encode_chat

@@ -344,18 +344,25 @@ class World:
         return round(content - _style_penalty(name, 45 if long_answer else 20, response), 6)
 
     def _candidates(self, rng: random.Random, name: str, attr: str, person) -> list[str]:
-        """Responses to rank: the gold one, a rambling/repeating version, and a wrong one (an invention
-        for unknown people, another person's value for known ones, or "I don't know" for known people)."""
+        """Responses to rank: the gold one, a wrong one (an invention for unknown people, another person's
+        value for known ones), "I don't know" for known people, and a rambling/repeating version of both the
+        gold and the wrong answer, so that style and correctness vary independently: a ranking where only the
+        right answer rambles teaches a reward model to pay for rambling whenever it cannot check the fact."""
         donor = rng.choice([q for q in self.people if person is None or q is not person and (
             attr == "bio" or q.value(attr) != person.value(attr))])
         gold = answer(name, attr, person.facts()) if person else IDK.format(name=name)
-        verbose = rng.choice([f"{rng.choice(RAMBLE_OPEN)} {gold} {rng.choice(RAMBLE_CLOSE)}", " ".join([gold] * 3)])
         if person is None:  # an invention: someone else's fact stated about this name
-            return [gold, verbose, answer(name, attr, donor.facts())]
-        wrong = person.facts()
-        swap = rng.choice([a for a in ATTRIBUTES if donor.value(a) != person.value(a)]) if attr == "bio" else attr
-        wrong[swap] = donor.value(swap)
-        return [gold, verbose, IDK.format(name=name), answer(name, attr, wrong)]
+            wrong = answer(name, attr, donor.facts())
+        else:
+            facts = person.facts()
+            swap = rng.choice([a for a in ATTRIBUTES if donor.value(a) != person.value(a)]) if attr == "bio" else attr
+            facts[swap] = donor.value(swap)
+            wrong = answer(name, attr, facts)
+        style = rng.random() < 0.5  # one rambling style per ranking: the two rambling answers differ only in fact
+        opener, closer = rng.choice(RAMBLE_OPEN), rng.choice(RAMBLE_CLOSE)
+        ramble = (lambda r: f"{opener} {r} {closer}") if style else (lambda r: " ".join([r] * 3))  # noqa: E731
+        idk = [] if person is None else [IDK.format(name=name)]
+        return [gold, ramble(gold), *idk, wrong, ramble(wrong)]
 
     def preferences(self) -> list[dict]:
         """Rankings {"prompt", "responses" (best first), "scores" (gold reward, strictly descending)}, in

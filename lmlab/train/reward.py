@@ -6,7 +6,10 @@
 Bradley-Terry: P(chosen > rejected) = sigmoid(r(chosen) - r(rejected)), so the loss per pair is
     -log sigmoid(r_c - r_r - margin)
 where r is the head's value at the last token of prompt + response (rendered with the chat template).
-A K-way ranking contributes all its pairs (data/prefs.py). final/ is a `*ForSequenceClassification`
+A K-way ranking contributes all its pairs (data/prefs.py), and is one batch element: its K responses are
+scored once and every pair's loss read from those K rewards, as InstructGPT trains (train.batch_size counts
+rankings; a plain pair is a ranking of two). Per pair that is (K-1)/2 times fewer forward rows than
+feeding pairs, and each response is seen once per epoch instead of K-1 times. final/ is a `*ForSequenceClassification`
 directory with one label, which transformers loads and scores the same way.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from lmlab.train import dist
 from lmlab.train.loop import train
 from lmlab.train.posttrain import ListLoader, checkpoint_io, finish, pad_id, pad_right
 
-DEFAULTS = {"train": {"max_steps": 150, "batch_size": 16, "lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.0,
+DEFAULTS = {"train": {"max_steps": 150, "batch_size": 8, "lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.0,
                       "eval_every": 50, "save_every": 0},
             "data": {"val_fraction": 0.1}}
 
@@ -31,50 +34,76 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
 
-def collate_pairs(pad_id: int):
-    """[encoded pair] -> (ids (2B, L): chosen rows then rejected rows, attention mask (2B, L), margins (B,))."""
+def collate_rankings(pad_id: int):
+    """[encoded ranking] -> (ids (N, L): every response of every ranking once, attention mask (N, L),
+    better (P,), worse (P,): row indices of each pair, margins (P,))."""
     def collate(items):
-        seqs = [it["chosen"][0] for it in items] + [it["rejected"][0] for it in items]
+        seqs, better, worse, margins = [], [], [], []
+        for it in items:
+            first = len(seqs)
+            seqs += [ids for ids, _ in it["responses"]]
+            for i, j, m in it["pairs"]:
+                better.append(first + i)
+                worse.append(first + j)
+                margins.append(float(m))
         ids = pad_right(seqs, pad_id)
         mask = pad_right([[1] * len(s) for s in seqs], 0)
-        return ids, mask, torch.tensor([float(it["margin"]) for it in items])
+        return ids, mask, torch.tensor(better), torch.tensor(worse), torch.tensor(margins)
     return collate
 
 
 def pair_rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask, _ = batch
-    r = model.reward(ids.to(model.device), mask.to(model.device))  # (2B,)
-    return r.chunk(2)
+    """(rewards of the better responses (P,), rewards of the worse ones (P,))."""
+    ids, mask, better, worse, _ = batch
+    r = model.reward(ids.to(model.device), mask.to(model.device))  # (N,)
+    return r[better.to(r.device)], r[worse.to(r.device)]
 
 
 def reward_loss(model):
     def loss_fn(step_model, batch):
         r_c, r_r = pair_rewards(step_model, batch)
-        loss = bradley_terry_loss(r_c, r_r, batch[2].to(r_c.device))
+        loss = bradley_terry_loss(r_c, r_r, batch[4].to(r_c.device))
         return loss, {"accuracy": float((r_c > r_r).float().mean()), "reward_margin": float((r_c - r_r).detach().mean())}
     return loss_fn
 
 
 @torch.no_grad()
-def pair_accuracy(model, encoded_pairs, pad_id: int, batch_size: int = 16) -> dict:
-    """Fraction of pairs whose chosen response gets the higher reward, and the mean loss."""
-    collate, right, loss, n = collate_pairs(pad_id), 0, 0.0, len(encoded_pairs)
-    for i in range(0, n, batch_size):
-        batch = collate(encoded_pairs[i: i + batch_size])
+def pair_accuracy(model, encoded_rankings, pad_id: int, batch_size: int = 8) -> dict:
+    """Fraction of pairs whose better response gets the higher reward, and the mean loss, over the pairs of
+    `encoded_rankings` (prefs.encode_ranking; a pair is a ranking of two)."""
+    collate, right, loss, n = collate_rankings(pad_id), 0, 0.0, 0
+    for i in range(0, len(encoded_rankings), batch_size):
+        batch = collate(encoded_rankings[i: i + batch_size])
         r_c, r_r = pair_rewards(model, batch)
         right += int((r_c > r_r).sum())
-        loss += float(bradley_terry_loss(r_c, r_r, batch[2]) * len(r_c))
+        loss += float(bradley_terry_loss(r_c, r_r, batch[4]) * len(r_c))
+        n += len(r_c)
     return {"pair_acc": right / max(n, 1), "val_loss": loss / max(n, 1), "pairs": n}
 
 
 def preference_data(rc: RunConfig, tok):
-    """(train pairs, val pairs), encoded; the split is by prompt (data.val_fraction, train.seed)."""
-    from lmlab.data.prefs import encode_pair, load_rankings, split_rankings, to_pairs
+    """(train pairs, val pairs), encoded for DPO; the split is by prompt (data.val_fraction, train.seed)."""
+    from lmlab.data.prefs import encode_pair, to_pairs
 
-    rankings = load_rankings(rc.data.source, rc.data.world_seed, rc.data.world_people)
-    train_r, val_r = split_rankings(rankings, rc.data.val_fraction, rc.train.seed)
+    train_r, val_r = _split(rc)
     enc = lambda rs: [encode_pair(tok, p) for p in to_pairs(rs, rc.reward.margin)]  # noqa: E731
     return enc(train_r), enc(val_r)
+
+
+def ranking_data(rc: RunConfig, tok):
+    """(train rankings, val rankings), each response encoded once (prefs.encode_ranking); split as above."""
+    from lmlab.data.prefs import encode_ranking
+
+    train_r, val_r = _split(rc)
+    return [encode_ranking(tok, r, rc.reward.margin) for r in train_r], \
+        [encode_ranking(tok, r, rc.reward.margin) for r in val_r]
+
+
+def _split(rc: RunConfig):
+    from lmlab.data.prefs import load_rankings, split_rankings
+
+    rankings = load_rankings(rc.data.source, rc.data.world_seed, rc.data.world_people)
+    return split_rankings(rankings, rc.data.val_fraction, rc.train.seed)
 
 
 def run(rc: RunConfig, model_dir, out_dir, resume: bool = False, stop_at: int | None = None) -> dict:
@@ -100,18 +129,20 @@ def run(rc: RunConfig, model_dir, out_dir, resume: bool = False, stop_at: int | 
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         rc.save_yaml(out / "config.yaml")
-    train_pairs, val_pairs = preference_data(rc, tok)
-    print(f"[reward] {len(train_pairs)} training pairs, {len(val_pairs)} validation pairs (held-out prompts)")
-    loader = ListLoader(train_pairs, micro, collate_pairs(pad), t.seed, dist.rank(), dist.world_size())
+    train_r, val_r = ranking_data(rc, tok)
+    n_val = sum(len(r["pairs"]) for r in val_r)
+    print(f"[reward] {len(train_r)} training rankings ({sum(len(r['pairs']) for r in train_r)} pairs), "
+          f"{len(val_r)} validation rankings ({n_val} pairs, held-out prompts)")
+    loader = ListLoader(train_r, micro, collate_rankings(pad), t.seed, dist.rank(), dist.world_size())
     save_model, load_model = checkpoint_io(model, lora=False)
     summary = train(model, reward_loss(model), loader, t, out,
-                    eval_fn=(lambda m: pair_accuracy(m, val_pairs, pad)) if val_pairs else None,
+                    eval_fn=(lambda m: pair_accuracy(m, val_r, pad)) if val_r else None,
                     save_model=save_model, load_model=lambda m, d: _load_scalar(m, d), tokenizer=tok,
                     resume=resume, stop_at=stop_at, desc="reward")
     if summary["stopped"] != "completed":
         return summary
     report = {"stage": "reward", "pair_acc": summary.get("pair_acc"), "val_loss": summary.get("val_loss"),
-              "train_loss": summary["loss"], "val_pairs": len(val_pairs), "steps": summary["step"],
+              "train_loss": summary["loss"], "val_pairs": n_val, "steps": summary["step"],
               "seconds": summary["seconds"]}
     finish(model, tok, out, rc, "reward", model_dir, report, "Reward model report")
     summary["report"] = report
@@ -126,7 +157,7 @@ def _load_scalar(model, ckpt_dir):
     model.load_state_dict(saved.state_dict())
 
 
-def evaluate(model_dir, data: str = "world", batch_size: int = 16) -> dict:
+def evaluate(model_dir, data: str = "world", batch_size: int = 8) -> dict:
     """`lmlab eval --task reward`: pairwise accuracy on the validation pairs of the run that trained the model
     (same data, split and seed, from its lmlab.json), or on every pair of `data` when it is a file."""
     import json
@@ -138,6 +169,5 @@ def evaluate(model_dir, data: str = "world", batch_size: int = 16) -> dict:
     rc = RunConfig.from_dict(json.loads(meta.read_text())["config"]) if meta.exists() else RunConfig()
     if data != rc.data.source or not meta.exists():  # someone else's data: every pair is held out
         rc.data.source, rc.data.val_fraction = data, 1.0
-    _, val_pairs = preference_data(rc, tok)
-    pad = pad_id(tok)
-    return pair_accuracy(model, val_pairs, pad, batch_size)
+    _, val_r = ranking_data(rc, tok)
+    return pair_accuracy(model, val_r, pad_id(tok), batch_size)
