@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[test]"
 	# llama.cpp's tokenizer test vectors, from the llama-cpp-python source package (test data only)
 	bash tests/fetch_llamacpp_vocab.sh $(BIN)/pip
+	# Debian's chromium for the chat page browser test (best effort, needs root; else the test skips)
+	bash tests/install_chromium.sh
 	touch $@
 
 test: setup
@@ -29,6 +31,7 @@ bench: setup
 	for p in tiny small; do for d in float32 bfloat16; do \
 		$(BIN)/python bench/train_step.py --preset $$p --dtype $$d --batch 8 --seq 256 || exit 1; done; done
 	$(BIN)/python bench/tokenizer.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

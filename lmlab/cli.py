@@ -34,6 +34,19 @@ def _generate(args) -> int:
     return 0
 
 
+def _chat(args) -> int:
+    import torch
+
+    import lmlab
+    from lmlab.serve.terminal import chat_loop, check_chat_model
+
+    model = lmlab.load_model(args.model, dtype=getattr(torch, args.dtype))
+    check_chat_model(model)  # before the tokenizer: an encoder directory may not have a chat-capable one
+    tok = lmlab.load_tokenizer(args.model)
+    return chat_loop(model, tok, system=args.system, temperature=args.temperature, top_p=args.top_p,
+                     max_new_tokens=args.max_new_tokens, seed=args.seed, name=args.model)
+
+
 def _embed(args) -> int:
     import sys
 
@@ -189,6 +202,23 @@ def _info(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import uvicorn
+
+    from lmlab.serve.app import create_app
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the model",
+              file=sys.stderr)
+    app = create_app(args.model, api_key=args.api_key, model_id=args.model_id, max_batch=args.max_batch,
+                     max_waiting=args.max_waiting, max_len=args.max_len)
+    server = app.state.server
+    print(f"serving {server.model_id} ({server.family}) on http://{args.host}:{args.port}  chat page: /  "
+          f"API: /v1 (docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _export(args) -> int:
     import lmlab
 
@@ -221,6 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
     g.add_argument("--num-beams", type=int, default=1, help="beam search width (encoder-decoder models)")
     g.set_defaults(func=_generate)
+
+    c = sub.add_parser("chat", help="talk to a model directory in the terminal (chat template, streamed replies)",
+                       description="Chat with a decoder model directory: each message is added to the conversation, "
+                                   "rendered with the tokenizer's chat template (lmlab's ChatML if it has none) and "
+                                   "answered token by token. At the prompt: /reset, /system TEXT, /help, /quit. "
+                                   "Ctrl-C stops a reply (the turn is not kept); Ctrl-D or Ctrl-C at the prompt "
+                                   "leaves.", formatter_class=fmt)
+    c.add_argument("--model", required=True, help="decoder model directory with its tokenizer (Hugging Face layout)")
+    c.add_argument("--system", default=None, help="system prompt (change it in the chat with /system TEXT)")
+    c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    c.add_argument("--top-p", type=float, default=0.9, help="1 = off")
+    c.add_argument("--max-new-tokens", type=int, default=256,
+                   help="reply length limit in tokens; the oldest turns are dropped when the conversation no "
+                        "longer fits the model's context with this much room left")
+    c.add_argument("--seed", type=int, default=None, help="random seed for sampling (each reply uses it)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    c.set_defaults(func=_chat)
 
     em = sub.add_parser("embed", help="sentence embeddings of an encoder (mean-pooled); one JSON list per text",
                         formatter_class=fmt)
@@ -337,6 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json, PEFT layout)")
     m.add_argument("--out", required=True, help="output model directory")
     m.set_defaults(func=_merge_lora)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible API (continuous batching) and a chat page",
+                        formatter_class=fmt)
+    sv.add_argument("--model", required=True, help="model directory (a decoder; an encoder serves /v1/embeddings)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (loopback only by default)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    sv.add_argument("--model-id", default=None, help="the model's name in the API (default: the run/directory name)")
+    sv.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache rows)")
+    sv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which the server answers 429")
+    sv.add_argument("--max-len", type=int, default=None,
+                    help="KV cache length per row (default: the model's context)")
+    sv.add_argument("--log-level", default="info", help="uvicorn log level")
+    sv.set_defaults(func=_serve)
 
     x = sub.add_parser("export", help="export a model directory for other runtimes", formatter_class=fmt)
     xsub = x.add_subparsers(dest="format", metavar="FORMAT", required=True)

@@ -46,8 +46,13 @@ def make_hf_model(case: str, seed: int = 0):
     cfg_name, kw = HF_CASES[case]
     cfg = getattr(transformers, cfg_name)(**kw)
     torch.manual_seed(seed)
-    model = getattr(transformers, HF_CLASSES[cfg_name])(cfg).eval()
-    with torch.no_grad():  # default init gives near-zero logits; make every weight matter
+    return spread_weights(getattr(transformers, HF_CLASSES[cfg_name])(cfg).eval())
+
+
+def spread_weights(model):
+    """Default init gives near-zero logits (a random model then answers every prompt alike); spread the
+    weights so that outputs depend on the input and layout errors show. Norm gains stay near 1."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 0.2 if p.dim() > 1 else 0.1).add_(1.0 if "norm" in name or "ln_" in name else 0.0)
     return model
