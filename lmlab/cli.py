@@ -81,10 +81,10 @@ def _tokenizer(args) -> int:
 def _run_config(args):
     """Preset -> model.* (+ the family's train/data defaults), then --config FILE, then --set overrides;
     data/tokenizer flags as data.*."""
-    from lmlab.config import FAMILY_DEFAULTS, RunConfig, apply_overrides, preset
+    from lmlab.config import FAMILY_DEFAULTS, RunConfig, apply_overrides
 
-    family = getattr(args, "family", None)
-    d = {"model": preset(args.preset, family).to_dict(), "train": {}, "data": {}}
+    family, arch = getattr(args, "family", None), getattr(args, "arch", None)
+    d = {"model": _preset(args.preset, family, arch).to_dict(), "train": {}, "data": {}}
     for section, values in FAMILY_DEFAULTS.get(family, {}).items():
         d[section].update(values)
     if args.config:
@@ -98,11 +98,28 @@ def _run_config(args):
     return RunConfig.from_dict(apply_overrides(d, args.set))
 
 
+def _preset(name: str, family: str | None, arch: str | None):
+    """The preset of `--preset NAME`; for the encoder-decoder family `--arch bart` looks up bart-NAME first (as
+    `--family` looks up t5-NAME), and a preset of the other architecture is refused."""
+    from lmlab.config import PRESETS, ConfigError, preset
+
+    if arch not in (None, "t5") and family != "encoder-decoder":
+        raise ConfigError(f"--arch {arch} is for --family encoder-decoder")
+    if family != "encoder-decoder" or arch in (None, "t5"):
+        cfg = preset(name, family)
+    else:
+        cfg = preset(f"{arch}-{name}" if f"{arch}-{name}" in PRESETS else name, family)
+    if arch is not None and family == "encoder-decoder" and cfg.model_type != arch:
+        raise ConfigError(f"preset {name!r} is a {cfg.model_type} model, not --arch {arch}")
+    return cfg
+
+
 def _pretrain(args) -> int:
     from lmlab.train import pretrain
 
     if args.out is None:
-        args.out = f"runs/pretrain-{args.preset}"
+        arch = f"{args.arch}-" if args.family == "encoder-decoder" and args.arch != "t5" else ""
+        args.out = f"runs/pretrain-{arch}{args.preset}"
     summary = pretrain.run(_run_config(args), args.out, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "report"}))
     return 0
@@ -295,9 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_ = sub.add_parser("pretrain", help="pre-train a model on the built-in world or your text", formatter_class=fmt)
     p_.add_argument("--family", default="decoder", choices=["decoder", "encoder", "encoder-decoder"],
-                    help="decoder (next-token LM), encoder (BERT, masked LM) or encoder-decoder (T5, span corruption)")
+                    help="decoder (next-token LM), encoder (BERT, masked LM) or encoder-decoder (T5 span corruption, "
+                    "or BART denoising with --arch bart)")
+    p_.add_argument("--arch", default="t5", choices=["t5", "bart"],
+                    help="encoder-decoder architecture: t5 (span corruption, SentencePiece with sentinels) or bart "
+                    "(text infilling + sentence permutation, byte-level BPE with <s> </s> <pad> <mask>)")
     p_.add_argument("--preset", default="tiny", help="model preset: tiny, small, llama-50m, gpt2-124m, llama-1b, ...; "
-                    "encoder: tiny (bert-tiny), bert-base; encoder-decoder: tiny (t5-tiny), t5-small")
+                    "encoder: tiny (bert-tiny), bert-base; encoder-decoder: tiny (t5-tiny or, with --arch bart, "
+                    "bart-tiny), t5-small")
     p_.add_argument("--data", default=None,
                     help="'world' or a .txt/.jsonl/.parquet file, folder or glob (default: data.source, 'world')")
     p_.add_argument("--tokenizer", default=None,

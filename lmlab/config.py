@@ -15,14 +15,14 @@ from typing import Any
 
 from lmlab.errors import ConfigError
 
-ENCODER_FAMILIES = {"bert": "encoder", "roberta": "encoder", "t5": "encoder-decoder"}
+ENCODER_FAMILIES = {"bert": "encoder", "roberta": "encoder", "t5": "encoder-decoder", "bart": "encoder-decoder"}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 
 @dataclass
 class ModelConfig:
-    model_type: str = "llama"  # llama | mistral | mixtral | qwen2 | gpt2 (decoders) | bert | roberta | t5
+    model_type: str = "llama"  # llama|mistral|mixtral|qwen2|gpt2|gpt_neox|falcon|cohere (decoders)|bert|roberta|t5
     vocab_size: int = 32000
     hidden_size: int = 512
     intermediate_size: int = 1408
@@ -40,12 +40,17 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q, k, v
     attention_out_bias: bool = False  # bias on o_proj
     mlp_bias: bool = False
+    norm_bias: bool = True  # LayerNorm's bias (PaLM and Cohere have none; RMSNorm never has one)
     tie_word_embeddings: bool = False
+    # parallel block (GPT-J, GPT-NeoX, Falcon, PaLM): x + attn(norm1(x)) + mlp(norm2(x)), one residual step
+    parallel_residual: bool = False
+    shared_norm: bool = False  # parallel block with one norm for both branches (Falcon-7B, PaLM, Cohere)
     # GPT-2 divides attention scores by (layer_idx + 1) when this is set
     scale_attn_by_inverse_layer_idx: bool = False
     # RoPE
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"dynamic"|"llama3"|"yarn", ...}
+    partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim * factor) dims of each head (GPT-NeoX)
     # sliding-window attention (Mistral; Qwen2 per layer via layer_types)
     sliding_window: int | None = None
     layer_types: list[str] | None = None  # per layer: "full_attention" | "sliding_attention"
@@ -58,7 +63,11 @@ class ModelConfig:
     num_decoder_layers: int | None = None  # T5: None -> num_hidden_layers
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
-    decoder_start_token_id: int | None = None  # T5: the first decoder input (the pad id, 0)
+    decoder_start_token_id: int | None = None  # T5: the first decoder input (the pad id, 0); BART: eos
+    scale_embedding: bool = False  # BART: token embeddings times sqrt(hidden_size)
+    # BART: generation forces the first new token / the one that reaches max_new_tokens (transformers' forced_*)
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
     # special tokens and init
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -93,6 +102,11 @@ class ModelConfig:
              f"position must be rope|learned|relative, got {self.position!r}")
         need(self.hidden_act in ACTIVATIONS, f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
         need(self.position != "rope" or self.head_dim % 2 == 0, "head_dim must be even for RoPE")
+        rd = self.rotary_dim
+        need(0 < self.partial_rotary_factor <= 1 and (self.position != "rope" or (rd > 0 and rd % 2 == 0)),
+             f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and give an even rotary_dim "
+             f"(head_dim {self.head_dim} -> {rd})")
+        need(self.parallel_residual or not self.shared_norm, "shared_norm needs parallel_residual")
         if self.rope_scaling is not None:
             t = self.rope_scaling.get("rope_type")
             need(t in ROPE_TYPES, f"rope_scaling.rope_type must be one of {ROPE_TYPES}, got {t!r}")
@@ -110,6 +124,11 @@ class ModelConfig:
             need(0 < self.num_experts_per_tok <= self.num_local_experts,
                  f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_local_experts "
                  f"({self.num_local_experts})")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def family(self) -> str:
@@ -177,6 +196,15 @@ def _t5(**kw) -> ModelConfig:
     return ModelConfig(**(base | kw))
 
 
+def _bart(**kw) -> ModelConfig:
+    """BART (facebook/bart-base's layout): post-norm LayerNorm blocks with biases, GELU, learned positions, tied
+    embeddings; decoding starts from eos and the last allowed token is forced to eos, as transformers' BartConfig."""
+    base = dict(model_type="bart", norm="layernorm", norm_eps=1e-5, mlp="plain", hidden_act="gelu", position="learned",
+                attention_bias=True, attention_out_bias=True, mlp_bias=True, tie_word_embeddings=True, bos_token_id=0,
+                pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+    return ModelConfig(**(base | kw))
+
+
 PRESETS: dict[str, callable] = {
     "tiny": lambda: ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
@@ -192,6 +220,14 @@ PRESETS: dict[str, callable] = {
     "mixtral-tiny": lambda: ModelConfig(model_type="mixtral", vocab_size=2048, hidden_size=128, intermediate_size=256,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512),
+    # PaLM's block (Chowdhery et al. 2022) at `tiny` scale (4.3M parameters): attention and a SwiGLU MLP in parallel
+    # from one shared LayerNorm, multi-query attention (1 kv head), RoPE, no biases (LayerNorms included), tied
+    # embeddings. Saves as CohereForCausalLM, whose decoder is exactly this block (logit_scale 1.0; Cohere's
+    # interleaved RoPE pairs are a fixed reordering of the q/k rows, done on save and load).
+    "palm-tiny": lambda: ModelConfig(model_type="cohere", vocab_size=2048, hidden_size=256, intermediate_size=1024,
+                                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                                     norm="layernorm", norm_bias=False, parallel_residual=True, shared_norm=True,
+                                     max_position_embeddings=1024, tie_word_embeddings=True),
     "gpt2-tiny": lambda: _gpt2(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                                num_attention_heads=4, max_position_embeddings=512, bos_token_id=0, eos_token_id=0),
     "gpt2-124m": lambda: _gpt2(vocab_size=50257, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -205,8 +241,10 @@ PRESETS: dict[str, callable] = {
                            num_decoder_layers=3, num_attention_heads=4, max_position_embeddings=512),
     "t5-small": lambda: _t5(vocab_size=32128, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
                             num_attention_heads=8, head_dim=64, max_position_embeddings=512),
+    "bart-tiny": lambda: _bart(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=3,
+                               num_decoder_layers=3, num_attention_heads=4, max_position_embeddings=512),
 }
-FAMILY_PREFIX = {"encoder": "bert-", "encoder-decoder": "t5-"}
+FAMILY_PREFIX = {"encoder": "bert-", "encoder-decoder": "t5-"}  # `--arch bart` picks bart-NAME instead
 # pre-training defaults that differ by family (beneath --config and --set). Post-LN BERT sits on a unigram
 # plateau for hundreds of steps at the decoder's lr 2e-3; lr 5e-4 with a longer warmup and 30% masking
 # (Wettig et al. 2022, "Should You Mask 15% in Masked Language Modeling?") leave it within CPU minutes.
@@ -293,6 +331,9 @@ class DataConfig:
     whole_word_mask: bool = False  # BERT: select whole words, never part of one
     noise_density: float = 0.15  # T5 span corruption: fraction of tokens corrupted
     mean_noise_span_length: float = 3.0  # T5: mean corrupted span length
+    mask_ratio: float = 0.3  # BART text infilling: fraction of tokens in masked spans
+    poisson_lambda: float = 3.0  # BART: mean masked span length (Poisson; 0-length spans insert a <mask>)
+    permute_sentences: float = 1.0  # BART: fraction of the sentences shuffled among themselves
 
 
 @dataclass

@@ -100,6 +100,15 @@ class Tokenizer:
         specials = [(t, self._hf.token_to_id(t)) for t in dict.fromkeys(x for x in (bos, eos) if x)]
         self._hf.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
+    def set_framing(self, bos: bool, eos: bool) -> None:
+        """Add bos before / eos after every encoded text (with add_special_tokens), kept when saved: T5's
+        convention is "text </s>", BART's "<s> text </s>"."""
+        bos, eos = bos and self.bos_token is not None, eos and self.eos_token is not None
+        if self._sp is None:
+            self.config.update(add_bos_token=bos, add_eos_token=eos)
+            self._set_post_processor()
+        self.add_bos_token, self.add_eos_token = bos, eos
+
     # ------------------------------------------------------------------------------------- vocabulary
     @property
     def backend(self) -> str:

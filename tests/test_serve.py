@@ -200,20 +200,23 @@ def test_api_key(model_dir):
 
 def test_full_queue_is_429_with_retry_after(model_dir, monkeypatch):
     server = Live(create_app(model_dir, max_batch=1, max_waiting=1))
-    step = server.engine._step
-    monkeypatch.setattr(server.engine, "_step", lambda: (time.sleep(0.01), step()))  # a slower model
+    release, admit = threading.Event(), server.engine._admit
+    # hold admissions until released, so that the one queue place is certainly taken
+    monkeypatch.setattr(server.engine, "_admit", lambda: admit() if release.is_set() else time.sleep(0.005))
     try:
-        body = {"model": MODEL_ID, "messages": HELLO, "max_tokens": 200, "temperature": 0}
-        with cf.ThreadPoolExecutor(4) as pool:
-            first = [pool.submit(_post, server, body) for _ in range(2)]
+        body = {"model": MODEL_ID, "messages": HELLO, "max_tokens": 20, "temperature": 0}
+        with cf.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(_post, server, body)
             end = time.monotonic() + 30
-            while server.engine.load != (1, 1):  # one running, one waiting
+            while server.engine.load != (0, 1):  # queued, not admitted
                 assert time.monotonic() < end, server.engine.load
                 time.sleep(0.005)
             r = _post(server, body)
             assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
             assert r.json()["error"]["type"] == "rate_limit_error"
-            assert all(f.result().status_code == 200 for f in first)  # the admitted ones complete
+            release.set()
+            assert first.result().status_code == 200  # the queued one completes
+        assert _post(server, body).status_code == 200  # and the server takes new work again
     finally:
         server.stop()
 

@@ -5,13 +5,15 @@ import shutil
 import warnings
 
 import pytest
+import seq2seq_checks
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from seq2seq_checks import cached_decode_diff, hf_generate, max_logit_diff, same_as_hf
 
 import lmlab
 from lmlab.errors import CheckpointError
-from lmlab.inference.seq2seq import generate_seq2seq, pad_right
+from lmlab.inference.seq2seq import generate_seq2seq
 from lmlab.interop.hf import config_from_hf, read_config
 
 transformers.utils.logging.disable_progress_bar()
@@ -83,27 +85,11 @@ def load_hf(path):
 def padded_batch(seed):
     """Encoder ids (3, 30) padded on the right, on the left and not at all; decoder ids (3, 22) padded on the right
     (row 0), on the left (row 1) and not at all."""
-    g = torch.Generator().manual_seed(seed)
-    ids, dec = torch.randint(2, V, (3, 30), generator=g), torch.randint(0, V, (3, 22), generator=g)
-    mask, dec_mask = torch.ones_like(ids), torch.ones_like(dec)
-    mask[0, 21:] = 0
-    mask[1, :9] = 0
-    dec_mask[0, 15:] = 0
-    dec_mask[1, :5] = 0
-    return ids, mask, dec, dec_mask
+    return seq2seq_checks.padded_batch(seed, V, 2, left_pad_encoder=True)
 
 
 def compare(hf, ours, seed=0):
-    """Max abs logit difference on every real decoder position of a padded batch (padded decoder queries on the
-    left see no key at all: what they compute is arbitrary)."""
-    ids, mask, dec, dec_mask = padded_batch(seed)
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
-        got = ours(ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
-    assert torch.isfinite(got).all()
-    real = dec_mask.bool()
-    real[0] = True  # right padding: the padded queries still see the real tokens before them
-    return (ref[real] - got[real]).abs().max().item()
+    return max_logit_diff(hf, ours, padded_batch(seed))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -184,16 +170,7 @@ def test_lmlab_to_hf_logits(case, tmp_path):
 def test_cached_decoding_matches_full_forward(t5_dir):
     ours = lmlab.load_model(t5_dir("v1.1-untied"))
     ids, mask, dec, _ = padded_batch(5)
-    with torch.no_grad():
-        enc = ours.encode(ids, mask)
-        full = ours.decode(dec, enc, mask)
-        cache = ours.new_cache(3, dec.shape[1])
-        steps, t = [], 0
-        for n in [4, 1, 1, 3, 1] + [1] * (dec.shape[1] - 10):  # a prefill chunk, single steps, another chunk
-            steps.append(ours.decode(dec[:, t: t + n], enc, mask, cache))
-            t += n
-    assert cache.length == dec.shape[1]
-    diff = (torch.cat(steps, dim=1) - full).abs().max().item()
+    diff = cached_decode_diff(ours, ids, mask, dec)
     print(f"cached vs full decode max abs diff {diff:.2e}")
     assert diff <= TOL
 
@@ -202,25 +179,16 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, EOS], [11, 12, 13, EOS], [20, 21, 22, 23, 24, 25,
            [40, 3, 41, 3, 42, EOS]]
 
 
-def hf_generate(hf, max_new, **kw):
-    ids, mask = pad_right(PROMPTS, PAD)
-    with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, **kw)
-    return [row[1:] for row in out.tolist()]  # without the decoder start token
-
-
-def same_as_hf(ours_rows, hf_rows):
-    """transformers pads a row that stopped (with the pad id, or the eos id in beam search when pad is 0)."""
-    return all(h[: len(o)] == o and set(h[len(o):]) <= {PAD, EOS} for o, h in zip(ours_rows, hf_rows))
+FILL = (PAD, EOS)  # transformers pads a row that stopped with the pad id, or the eos id in beam search (pad is 0)
 
 
 @pytest.mark.parametrize("case", ["v1.0", "v1.1-untied"])
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_greedy_matches_hf(case, penalty, t5_dir):
     hf, ours = load_hf(t5_dir(case)), lmlab.load_model(t5_dir(case))
-    ref = hf_generate(hf, 12, repetition_penalty=penalty)
+    ref = hf_generate(hf, PROMPTS, PAD, 12, repetition_penalty=penalty)
     got = lmlab.generate(ours, PROMPTS, max_new_tokens=12, repetition_penalty=penalty)
-    assert same_as_hf(got, ref), (got, ref)
+    assert same_as_hf(got, ref, FILL), (got, ref)
     assert all(len(o) == 12 or o[-1] == EOS for o in got)
     assert lmlab.generate(ours, PROMPTS[0], max_new_tokens=12, repetition_penalty=penalty) == got[0]
 
@@ -235,9 +203,9 @@ BEAMS = [("v1.0", 3, 1.0, False, 1.0), ("v1.0", 4, 1.0, True, 1.0), ("v1.1-untie
 def test_beam_search_matches_hf(case, k, length_penalty, early_stopping, penalty, t5_dir):
     hf, ours = load_hf(t5_dir(case)), lmlab.load_model(t5_dir(case))
     kw = dict(num_beams=k, length_penalty=length_penalty, early_stopping=early_stopping)
-    ref = hf_generate(hf, 14, repetition_penalty=penalty, **kw)
+    ref = hf_generate(hf, PROMPTS, PAD, 14, repetition_penalty=penalty, **kw)
     got = generate_seq2seq(ours, PROMPTS, max_new_tokens=14, repetition_penalty=penalty, **kw)
-    assert same_as_hf(got, ref), (got, ref)
+    assert same_as_hf(got, ref, FILL), (got, ref)
     assert lmlab.generate(ours, PROMPTS, max_new_tokens=14, repetition_penalty=penalty, **kw) == got
 
 

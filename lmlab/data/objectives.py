@@ -1,9 +1,11 @@
-"""Pre-training objectives of the three families: causal LM targets, BERT masked-LM masking, T5 span corruption.
+"""Pre-training objectives of the three families: causal LM targets, BERT masked-LM masking, T5 span corruption,
+BART denoising (text infilling + sentence permutation).
 
     x, y = causal_lm(window)                                   # (B, T+1) -> (B, T), (B, T)
     inputs, labels = mask_tokens(ids, mask_token_id=tok.mask_token_id, vocab_size=tok.vocab_size,
                                  special_ids=tok.special_ids, generator=g)      # BERT / RoBERTa
     inputs, targets = span_corruption(ids, sentinel_ids=sentinel_ids(tok), eos_id=tok.eos_token_id, rng=rng)  # T5
+    inputs, targets = denoise(ids, mask_id=tok.mask_token_id, sentence_end_ids=sentence_end_ids(tok), rng=rng)  # BART
 
 A tokenizer carries the tokens these need when it is trained with them:
     Tokenizer.train(docs, 8000, kind="bpe", special_roles={"mask_token": "<mask>"})         # [MASK] for BERT
@@ -12,10 +14,13 @@ A tokenizer carries the tokens these need when it is trained with them:
 
 Masked LM follows transformers' DataCollatorForLanguageModeling draw for draw, so the same torch.Generator
 seed gives the same inputs and labels as `collator.torch_mask_tokens`. Span corruption follows T5's
-`random_spans_noise_mask` and `noise_span_to_unique_sentinel` (t5/data/preprocessors.py).
+`random_spans_noise_mask` and `noise_span_to_unique_sentinel` (t5/data/preprocessors.py). Denoising follows the
+BART paper and fairseq's DenoisingDataset (mask 0.3, span-poisson lambda 3, replace length 1, permute sentences 1),
+with spans placed apart (see infilling_spans).
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -316,6 +321,118 @@ def raw_length_for_inputs(inputs_length: int, noise_density: float = 0.15,
     while n > 0 and span_corruption_lengths(n, noise_density, mean_noise_span_length)[0] > inputs_length:
         n -= 1
     return n
+
+
+# ------------------------------------------------------------------------------------------ BART denoising
+def sentence_end_ids(tok) -> list[int]:
+    """Ids of the tokens that end a sentence: those whose text ends with . ! or ? (byte-level BPE merges "." with
+    what follows, e.g. ".\n"), and eos (the end of a document)."""
+    ends = {i for i in range(tok.vocab_size) if i not in tok.special_ids
+            and tok.decode([i]).rstrip().endswith((".", "!", "?"))}
+    return sorted(ends | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
+
+
+def split_sentences(ids: Sequence[int], end_ids) -> list[list[int]]:
+    """Cut after each sentence-end token (a run of them, ". </s>", stays with its sentence); text after the last
+    end is a sentence too."""
+    ends, out, cur = set(end_ids), [], []
+    for i, t in enumerate(ids):
+        cur.append(t)
+        if t in ends and (i + 1 == len(ids) or ids[i + 1] not in ends):
+            out.append(cur)
+            cur = []
+    return out + [cur] if cur else out
+
+
+def permute_sentences(ids: Sequence[int], end_ids, ratio: float = 1.0, *, rng: np.random.Generator) -> list[int]:
+    """fairseq's permute_sentences: ceil(ratio * n) of the n sentences, chosen at random, are shuffled among their
+    places (ratio 1: all of them); the others stay where they are."""
+    sentences = split_sentences(list(ids), end_ids)
+    n = len(sentences)
+    chosen = rng.choice(n, math.ceil(n * ratio), replace=False)
+    order = np.arange(n)
+    order[chosen] = chosen[rng.permutation(len(chosen))]
+    return [t for k in order for t in sentences[k]]
+
+
+def poisson_span_lengths(num_tokens: int, mask_ratio: float = 0.3, poisson_lambda: float = 3.0, *,
+                         rng: np.random.Generator) -> np.ndarray:
+    """fairseq's span-poisson draw: Poisson(lambda) lengths until they cover ceil(num_tokens * mask_ratio) tokens,
+    the last one cut so that they cover exactly that many. 0-length spans stay (each inserts a mask)."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"text infilling: mask_ratio={mask_ratio} must be in [0, 1)")
+    if poisson_lambda <= 0:
+        raise ValueError(f"text infilling: poisson_lambda={poisson_lambda} must be > 0")
+    budget = math.ceil(num_tokens * mask_ratio)
+    if budget == 0:
+        return np.zeros(0, dtype=np.int64)
+    lengths = rng.poisson(poisson_lambda, size=budget)
+    while lengths.sum() < budget:
+        lengths = np.concatenate([lengths, rng.poisson(poisson_lambda, size=budget)])
+    cum = np.cumsum(lengths)
+    last = int(np.searchsorted(cum, budget))  # the first span that reaches the budget
+    lengths = lengths[: last + 1]
+    lengths[last] = budget - (cum[last - 1] if last else 0)
+    return lengths
+
+
+def infilling_spans(length: int, mask_ratio: float = 0.3, poisson_lambda: float = 3.0, *,
+                    rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(start, n) of each noise span of a sequence of `length` tokens, by start: n tokens from `start` become one
+    mask; n = 0 inserts a mask before token `start`. Lengths from poisson_span_lengths, in random order.
+
+    The spans of n >= 1 are placed uniformly at random with at least one kept token between two of them, so every
+    span is one mask of its own (fairseq draws starts independently and lets spans run into each other, which
+    masks fewer tokens than asked). 0-length spans go to distinct random places outside the spans. Two further
+    limits, which only bite on sequences of a few tokens: spans that do not fit apart are merged, and inserts
+    never make the inputs longer than the sequence (BART's positions are finite)."""
+    lengths = rng.permutation(poisson_span_lengths(length, mask_ratio, poisson_lambda, rng=rng))
+    spans, n_insert = [int(n) for n in lengths if n > 0], int((lengths == 0).sum())
+    kept = length - sum(spans)
+    while len(spans) > kept + 1:  # not enough kept tokens to separate them
+        spans[-2:] = [spans[-2] + spans[-1]]
+    k = len(spans)
+    # gaps before, between and after the spans: kept + (1 - k) tokens spread over k + 1 gaps, then 1 added inside
+    free = kept - max(k - 1, 0)
+    cuts = np.sort(rng.choice(free + k, k, replace=False)) if k else np.zeros(0, dtype=np.int64)
+    gaps = np.diff(np.concatenate([[-1], cuts, [free + k]])) - 1  # (k + 1,) >= 0
+    gaps[1:k] += 1
+    out, pos = [], 0
+    for gap, n in zip(gaps, spans):
+        pos += int(gap)
+        out.append((pos, n))
+        pos += n
+    inside = {s + j for s, n in out for j in range(1, n)}  # places within a span, where nothing can be inserted
+    places = [p for p in range(length + 1) if p not in inside]
+    n_insert = min(n_insert, sum(spans) - k)
+    out += [(int(p), 0) for p in rng.choice(places, n_insert, replace=n_insert > len(places))]
+    return sorted(out)
+
+
+def infill(ids: Sequence[int], spans: Sequence[tuple[int, int]], mask_id: int) -> list[int]:
+    """Apply infilling_spans: each (start, n) puts one mask_id in place of ids[start:start + n]."""
+    out, pos = [], 0
+    for start, n in sorted(spans):
+        out += [*ids[pos:start], mask_id]
+        pos = start + n
+    return out + list(ids[pos:])
+
+
+def denoise(ids, *, mask_id: int, sentence_end_ids: Sequence[int] = (), mask_ratio: float = 0.3,
+            poisson_lambda: float = 3.0, permute_ratio: float = 1.0,
+            rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """BART's noising of one sequence (list of ids or 1-D tensor) -> (inputs, targets) lists: the sentences
+    permuted (permute_ratio of them; none without sentence_end_ids), then text infilling; targets = the original.
+
+        ids      A1 A2 A3 . B1 B2 B3 B4 . C1 C2 .
+        inputs   B1 <mask> B4 . C1 C2 . A1 <mask> A2 A3 .
+        targets  A1 A2 A3 . B1 B2 B3 B4 . C1 C2 .
+    """
+    ids = ids.tolist() if isinstance(ids, (torch.Tensor, np.ndarray)) else list(ids)
+    if mask_id in ids:
+        raise ValueError("denoise: the ids already contain the mask id")
+    x = permute_sentences(ids, sentence_end_ids, permute_ratio, rng=rng) if permute_ratio and sentence_end_ids else ids
+    return infill(x, infilling_spans(len(x), mask_ratio, poisson_lambda, rng=rng), mask_id), ids
 
 
 def collate_span_corruption(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):

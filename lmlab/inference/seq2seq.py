@@ -1,7 +1,9 @@
-"""Generation for encoder-decoder models (T5): encode the prompts once, then decode one token per step from
-a KV cache, starting at decoder_start_token_id. Greedy and sampling pick tokens with lmlab.inference.sampling;
-beam search follows transformers' `generate(num_beams=k, do_sample=False)` step for step (its candidate
-selection, length penalty and stopping rule), so both return the same sequences.
+"""Generation for encoder-decoder models (T5, BART): encode the prompts once, then decode one token per step
+from a KV cache, starting at decoder_start_token_id. Greedy and sampling pick tokens with
+lmlab.inference.sampling; beam search follows transformers' `generate(num_beams=k, do_sample=False)` step for
+step (its candidate selection, length penalty and stopping rule), so both return the same sequences. The
+config's forced_bos_token_id / forced_eos_token_id (BART) force the first new token / the one that reaches
+max_new_tokens, as transformers' ForcedBOS/ForcedEOS logits processors do.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from lmlab.inference.sampling import SamplingParams, apply_repetition_penalty, s
 
 
 def pad_right(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder inputs (B, S) and attention mask (B, S), padded on the right (T5's relative positions make the
-    side irrelevant)."""
+    """Encoder inputs (B, S) and attention mask (B, S), padded on the right (where BART's absolute positions need
+    the padding; T5's relative positions make the side irrelevant)."""
     from lmlab.data.objectives import pad_with_mask
 
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -59,6 +61,16 @@ def generate_seq2seq(model, prompts: list[list[int]], max_new_tokens: int = 64, 
         return _beam_search(model, enc, mask, params, num_beams, length_penalty, early_stopping)
 
 
+def forced_token(cfg, step: int, n: int) -> int | None:
+    """The token transformers' generate forces at 0-based step `step` of n: forced_eos_token_id at the last step
+    (ForcedEOS runs after ForcedBOS, so it wins when n == 1), forced_bos_token_id at the first; else None."""
+    if step == n - 1 and cfg.forced_eos_token_id is not None:
+        return cfg.forced_eos_token_id
+    if step == 0 and cfg.forced_bos_token_id is not None:
+        return cfg.forced_bos_token_id
+    return None
+
+
 def _sample(model, enc, mask, params: SamplingParams) -> list[list[int]]:
     B, n = enc.shape[0], params.max_new_tokens
     device = enc.device
@@ -74,6 +86,8 @@ def _sample(model, enc, mask, params: SamplingParams) -> list[list[int]]:
         logits = model.decode(seqs[:, step: step + 1], enc, mask, cache)[:, -1]  # (B, V)
         ctx = seqs[:, : step + 1] if params.repetition_penalty != 1.0 else None
         tok = sample(logits, params, ctx, gen)  # (B,)
+        if (forced := forced_token(model.config, step, n)) is not None:
+            tok = torch.full_like(tok, forced)
         for row, t, f in zip(outs, tok.tolist(), finished.tolist()):
             if not f:
                 row.append(t)
@@ -108,6 +122,8 @@ def _beam_search(model, enc, mask, params: SamplingParams, k: int, length_penalt
         logp = logits.log_softmax(dim=-1)
         if params.repetition_penalty != 1.0:
             logp = apply_repetition_penalty(logp, seqs[:, :, : step + 1].reshape(B * k, -1), params.repetition_penalty)
+        if (forced := forced_token(model.config, step, n)) is not None:  # log-probability 0, the rest -inf
+            logp = torch.full_like(logp, float("-inf")).index_fill_(1, torch.tensor([forced], device=device), 0.0)
         total = (logp.view(B, k, V) + scores[:, :, None]).view(B, k * V)
         top, idx = total.topk(n_keep, dim=-1)  # (B, n_keep), best first
         beam, token = idx // V, idx % V

@@ -9,7 +9,9 @@ the Hugging Face tensors would get wrong:
 - RoPE layout: HF checkpoints rotate halves of each head (x[:hd/2], x[hd/2:]), llama.cpp's "llama"
   architecture rotates adjacent pairs (x[2i], x[2i+1]), so q/k rows are permuted per head (k with the kv-head
   count); Qwen2 uses the half layout in llama.cpp too (NEOX rope) and is copied as is;
-- GPT-2's q/k/v are one fused `attn_qkv`; Mixtral's experts are stacked (E, ff, d) tensors and the router
+- GPT-2's and GPT-NeoX's and Falcon's q/k/v are one fused `attn_qkv` [q; k; v] (llama.cpp's order, not
+  the per-head interleaving of the HF files); Cohere runs as "command-r", whose RoPE rotates adjacent pairs;
+  Mixtral's experts are stacked (E, ff, d) tensors and the router
   stays f32; Llama 3 rope scaling becomes a `rope_freqs` tensor of per-frequency divisors;
 - dtypes: 1-D tensors (norms, biases) are always f32; q8_0 quantises 2-D/3-D weights whose rows are a
   multiple of 32 (one scale per 32 values), the rest fall back to f16.
@@ -31,8 +33,8 @@ from lmlab.errors import LmlabError
 DTYPES = ("f32", "f16", "q8_0")
 # lmlab model_type -> llama.cpp architecture (llama.cpp runs Mistral and Mixtral as "llama")
 ARCHS = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "bert": "bert",
-         "t5": "t5"}
-ROPE_PAIRS = {"llama"}  # architectures whose RoPE rotates adjacent pairs: q/k need the permutation
+         "t5": "t5", "gpt_neox": "gptneox", "falcon": "falcon", "cohere": "command-r"}
+ROPE_PAIRS = {"llama", "command-r"}  # architectures whose RoPE rotates adjacent pairs: q/k need the permutation
 
 
 class GGUFError(LmlabError, ValueError):
@@ -78,6 +80,10 @@ GPT2 = {
     **{f"layers.{{i}}.attn.o_proj.{k}": f"blk.{{i}}.attn_output.{k}" for k in ("weight", "bias")},
     **{f"layers.{{i}}.mlp.{p}_proj.{k}": f"blk.{{i}}.ffn_{p}.{k}" for p in ("up", "down") for k in ("weight", "bias")},
 }
+# Falcon with two norms (ln_attn, ln_mlp): llama.cpp feeds attention from attn_norm_2 and the MLP from attn_norm
+FALCON_TWO_NORMS = GPT2 | {f"layers.{{i}}.{a}.{k}": f"blk.{{i}}.{g}.{k}" for a, g in (("attn_norm", "attn_norm_2"),
+                                                                                    ("mlp_norm", "attn_norm"))
+                           for k in ("weight", "bias")}
 F32_ALWAYS = ("ffn_gate_inp", "rope_freqs", "attn_rel_b", "token_types")  # small tensors llama.cpp reads as f32
 
 
@@ -108,10 +114,12 @@ def llama3_rope_factors(cfg) -> torch.Tensor:
 
 
 def decoder_tensors(model, arch: str) -> dict[str, torch.Tensor]:
-    """GGUF name -> fp32 tensor for a decoder (GPT-2, Llama, Mistral, Mixtral, Qwen2)."""
+    """GGUF name -> fp32 tensor for a decoder (GPT-2, Llama, Mistral, Mixtral, Qwen2, GPT-NeoX, Falcon, Cohere)."""
     cfg = model.config
     params = {n: p.detach().float() for n, p in model.named_parameters()}
-    mapping = GPT2 if arch == "gpt2" else LLAMA
+    mapping = GPT2 if arch in ("gpt2", "gptneox", "falcon") else LLAMA  # the GPT-2 map: LayerNorms, fused qkv
+    if arch == "falcon" and not cfg.shared_norm:
+        mapping = FALCON_TWO_NORMS
     out = {}
     for i in range(cfg.num_hidden_layers):
         for src, dst in mapping.items():
@@ -126,6 +134,12 @@ def decoder_tensors(model, arch: str) -> dict[str, torch.Tensor]:
             out[dst] = params.pop(src)
     if cfg.tie_word_embeddings:
         out.pop("output.weight", None)  # llama.cpp falls back to token_embd
+    if arch == "gptneox":  # llama.cpp's gptneox requires the output matrix and the attention biases
+        out.setdefault("output.weight", out["token_embd.weight"])
+        qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+        for i in range(cfg.num_hidden_layers):
+            out.setdefault(f"blk.{i}.attn_qkv.bias", torch.zeros(qkv))
+            out.setdefault(f"blk.{i}.attn_output.bias", torch.zeros(cfg.hidden_size))
     if params:
         raise GGUFError(f"no GGUF name for tensors {sorted(params)[:5]} of a {cfg.model_type} model")
     if arch in ROPE_PAIRS:
@@ -147,6 +161,14 @@ def _check_decoder(cfg, arch: str) -> None:
         need(cfg.norm == "layernorm" and cfg.position == "learned" and cfg.mlp == "plain", "a non-GPT-2 block")
         need(cfg.hidden_act in ("gelu", "gelu_tanh"), f"hidden_act={cfg.hidden_act}")
         need(not cfg.scale_attn_by_inverse_layer_idx, "scale_attn_by_inverse_layer_idx")
+    elif arch in ("gptneox", "falcon", "command-r"):
+        need(cfg.hidden_act == "silu" if arch == "command-r" else cfg.hidden_act in ("gelu", "gelu_tanh"),
+             f"hidden_act={cfg.hidden_act}")
+        need(arch != "falcon" or cfg.parallel_residual, "sequential blocks (parallel_attn=False)")
+        need(arch == "gptneox" or not (cfg.attention_bias or cfg.mlp_bias), "linear biases")
+        need(arch != "command-r" or cfg.tie_word_embeddings, "an untied output matrix")
+        kind = (cfg.rope_scaling or {}).get("rope_type", "default")
+        need(kind in ("default", "linear"), f"rope scaling {kind!r}")
     else:
         need(cfg.norm == "rmsnorm" and cfg.position == "rope", f"norm={cfg.norm}, position={cfg.position}")
         need(cfg.hidden_act == "silu" and (cfg.mlp == "gated" or cfg.num_local_experts), "a non-SwiGLU MLP")
@@ -173,11 +195,18 @@ def decoder_metadata(w, cfg, arch: str) -> None:
         w.add_layer_norm_eps(cfg.norm_eps)
         return
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.norm == "layernorm":
+        w.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if arch == "gptneox":
+        w.add_parallel_residual(cfg.parallel_residual)
+    if arch == "command-r":
+        w.add_logit_scale(1.0)  # lmlab folds a Cohere checkpoint's logit_scale into the final norm on load
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.rotary_dim)
     w.add_rope_freq_base(cfg.rope_theta)
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", "default")

@@ -3,7 +3,9 @@
 A map is one dict per family from lmlab's parameter names (with `{i}` for the layer) to the name
 in the HF file. A plain string is the same tensor; `T(name)` is stored transposed (GPT-2's Conv1D);
 `Part(name, k, n)` is the k-th of n equal slices of a fused tensor (GPT-2's c_attn holds q, k, v);
-`Experts(name)` is a stack over experts stored as one tensor per expert (`{e}` in the name).
+`Experts(name)` is a stack over experts stored as one tensor per expert (`{e}` in the name);
+`Rows(name, index, rows)` is the rows `index` of a stored tensor with `rows` rows (fused q/k/v in a per-head
+layout, or head dims stored in another order: lmlab/interop/hf_parallel.py).
 """
 from __future__ import annotations
 
@@ -35,6 +37,13 @@ class Part:
 @dataclass(frozen=True)
 class Experts:
     name: str  # contains {e}
+
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    name: str
+    index: torch.Tensor  # (n,) rows of the stored tensor, in lmlab's row order
+    rows: int  # rows of the stored tensor (the Rows of one name together cover each once)
 
 
 def _llama_like(mlp: dict) -> dict:
@@ -96,7 +105,7 @@ ARCHS = {
     "gpt2": ("GPT2LMHeadModel", GPT2_MAP),
 }
 # buffers some checkpoints carry that are not weights
-_IGNORED = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
+_IGNORED = re.compile(r"(\.(attn|attention)\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
 _ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh",
          "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
@@ -104,7 +113,9 @@ _ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "gelu_
 # -------------------------------------------------------------------------------------------- configs
 # the encoder families keep their configs and name maps beside this file (model_type -> module)
 FAMILY_MODULES = {"bert": "lmlab.interop.hf_encoder", "roberta": "lmlab.interop.hf_encoder",
-                  "t5": "lmlab.interop.hf_t5"}
+                  "t5": "lmlab.interop.hf_t5", "bart": "lmlab.interop.hf_bart"}
+# decoders with parallel blocks and fused or reordered tensors (lmlab's Decoder, their own config keys)
+FAMILY_MODULES |= dict.fromkeys(("gpt_neox", "falcon", "cohere"), "lmlab.interop.hf_parallel")
 
 
 def family_module(model_type: str):
@@ -144,12 +155,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
             tie_word_embeddings=d.get("tie_word_embeddings", True),
             scale_attn_by_inverse_layer_idx=d.get("scale_attn_by_inverse_layer_idx", False))
     n_layers = req("num_hidden_layers")
-    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", None) or d.get("rope_theta") or (1e6 if mt == "mixtral" else 1e4)
-    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
-    rope_scaling = None if kind == "default" else {"rope_type": kind, **rope}
-    if kind in ("llama3", "yarn"):  # transformers falls back to max_position_embeddings
-        rope_scaling.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+    theta, rope_scaling, _ = rope_from_hf(d, 1e6 if mt == "mixtral" else 1e4)
     bias = d.get("attention_bias", mt == "qwen2")
     window, layer_types = d.get("sliding_window"), d.get("layer_types")
     if mt == "qwen2":
@@ -178,6 +184,19 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
             rope_scaling=rope_scaling, sliding_window=window, layer_types=layer_types)
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
+
+
+def rope_from_hf(d: dict, default_theta: float = 1e4) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling, partial_rotary_factor) from v5 `rope_parameters` or v4 `rope_scaling` +
+    `rope_theta` (+ `partial_rotary_factor`)."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", None) or d.get("rope_theta") or default_theta
+    partial = rope.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor") or 1.0
+    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    rope_scaling = None if kind == "default" else {"rope_type": kind, **rope}
+    if kind in ("llama3", "yarn"):  # transformers falls back to max_position_embeddings
+        rope_scaling.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+    return float(theta), rope_scaling, float(partial)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
@@ -226,7 +245,8 @@ def _check_representable(cfg: ModelConfig):
     """Refuse to write a config.json that transformers would read as a different model."""
     mt, gpt2 = cfg.model_type, cfg.model_type == "gpt2"
     want = dict(norm="layernorm" if gpt2 else "rmsnorm", mlp="plain" if gpt2 else "gated",
-                position="learned" if gpt2 else "rope")
+                position="learned" if gpt2 else "rope", parallel_residual=False, partial_rotary_factor=1.0,
+                norm_bias=True)
     if gpt2:
         want |= dict(attention_bias=True, attention_out_bias=True, mlp_bias=True, sliding_window=None)
     elif mt == "llama":  # one attention_bias flag covers q, k, v and o
@@ -331,6 +351,12 @@ def load_weights(model, path: Path, expected_unused: tuple[str, ...] = (), mappi
                 raise CheckpointError(f"{path}: {spec.name.format(i=i)} has shape {tuple(full.shape)}, not "
                                       f"divisible into {spec.parts} parts")
             return full.chunk(spec.parts, dim=0)[spec.index]
+        if isinstance(spec, Rows):
+            full = get(spec.name.format(i=i))
+            if full.shape[0] != spec.rows:
+                raise CheckpointError(f"{path}: {spec.name.format(i=i)} has {full.shape[0]} rows, expected "
+                                      f"{spec.rows} from config.json")
+            return full[spec.index]
         return torch.stack([get(spec.name.format(i=i, e=e)) for e in range(cfg.num_local_experts)])
 
     mapping = mapping or tensor_map(cfg)
@@ -366,6 +392,11 @@ def hf_state_dict(model, mapping: dict | None = None) -> dict[str, torch.Tensor]
             out[spec.name.format(i=i)] = t.t()
         elif isinstance(spec, Part):
             parts.setdefault((spec.name.format(i=i), spec.transpose), {})[spec.index] = t
+        elif isinstance(spec, Rows):  # scatter into the stored layout
+            hf_name = spec.name.format(i=i)
+            if hf_name not in out:
+                out[hf_name] = t.new_empty((spec.rows, *t.shape[1:]))
+            out[hf_name][spec.index] = t
         else:
             for e in range(cfg.num_local_experts):
                 out[spec.name.format(i=i, e=e)] = t[e]
@@ -390,13 +421,18 @@ def read_config(path) -> dict:
 
 def load_model(path, device="cpu", dtype=None):
     """Load a HF (or lmlab-saved) model directory into an lmlab model (float32 unless `dtype` is given)."""
-    from lmlab.models.decoder import Decoder
-
     path = Path(path)
     raw = read_config(path)
     cfg = config_from_hf(raw, source=str(path / "config.json"))
     if cfg.model_type in FAMILY_MODULES:  # BERT, RoBERTa, T5: heads and layouts of their own
         return family_module(cfg.model_type).load_model(path, raw, cfg, device, dtype)
+    return load_decoder(path, raw, cfg, device, dtype)
+
+
+def load_decoder(path: Path, raw: dict, cfg: ModelConfig, device="cpu", dtype=None):
+    """A Decoder (or, for a `*ForSequenceClassification` directory, a reward model) with the weights of `path`."""
+    from lmlab.models.decoder import Decoder
+
     with torch.device("meta"):
         model = Decoder(cfg)
     if any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or []):
@@ -453,4 +489,7 @@ def write_model_dir(out_dir, tensors: dict, config: dict, cfg: ModelConfig, dtyp
         gen["pad_token_id"] = cfg.pad_token_id
     if cfg.decoder_start_token_id is not None:  # encoder-decoder (T5): transformers' generate needs it here
         gen["decoder_start_token_id"] = cfg.decoder_start_token_id
+    for key in ("forced_bos_token_id", "forced_eos_token_id"):  # BART: its generate forces these tokens
+        if getattr(cfg, key, None) is not None:
+            gen[key] = getattr(cfg, key)
     write_json(out / "generation_config.json", gen)

@@ -1,8 +1,11 @@
-"""Decoder-only Transformer: GPT-2, Llama, Mistral, Mixtral and Qwen2 from one config.
+"""Decoder-only Transformer: GPT-2, Llama, Mistral, Mixtral, Qwen2, GPT-NeoX, Falcon and Cohere from one config.
 
 GPT-2:   learned positions, LayerNorm, GELU(tanh) MLP, biases everywhere, tied head.
 Llama:   RoPE, RMSNorm, SwiGLU, grouped-query attention.   Mistral: + sliding window.
 Mixtral: Mistral with a sparse MoE in place of the MLP.     Qwen2:   Llama + bias on q/k/v.
+PaLM-style parallel blocks (attention and MLP from the same input, one residual step):
+GPT-NeoX: two LayerNorms, GELU MLP, biases, partial RoPE.   Falcon: one or two LayerNorms, multi-query or GQA.
+Cohere:   one bias-free LayerNorm, SwiGLU, GQA, tied head (the palm-tiny preset's checkpoint form).
 """
 from __future__ import annotations
 
@@ -15,18 +18,27 @@ from lmlab.models.layers import attention_mask as build_mask
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    parallel_residual: x + attn(attn_norm(x)) + mlp(mlp_norm(x)), both branches read the same x; with
+    shared_norm there is no mlp_norm and the MLP reads attn_norm(x) too.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.window = cfg.window(layer_idx)
+        self.parallel = cfg.parallel_residual
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
-        self.mlp_norm = make_norm(cfg)
+        self.mlp_norm = None if cfg.shared_norm else make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.num_local_experts else MLP(cfg)
 
     def forward(self, x, rope, masks, cache):
-        x = x + self.attn(self.attn_norm(x), rope, masks[self.window], cache)
+        h = self.attn_norm(x)  # (B, T, H)
+        a = self.attn(h, rope, masks[self.window], cache)
+        if self.parallel:
+            return x + a + self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))
+        x = x + a
         return x + self.mlp(self.mlp_norm(x))
 
 

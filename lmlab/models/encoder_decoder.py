@@ -5,6 +5,7 @@ T5 v1.1: gated-GELU(tanh) MLP, separate LM head, no scaling.
 Both: pre-norm RMSNorm blocks without biases, attention without the 1/sqrt(hd) scaling, and a learned
 relative position bias (bucketed key - query distances) computed by the first layer of each stack and
 added in every layer of it. Decoder blocks add cross-attention over the encoder output.
+Seq2SeqModel and the mask helpers here serve BART too (bart.py).
 
 Shapes: B batch, S encoder tokens, T new decoder tokens, K decoder keys (cached + new), H hidden,
 nh heads, hd head dim (T5's d_kv, which need not be H / nh).
@@ -50,6 +51,45 @@ def relative_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, ma
     return buckets + torch.where(dist < max_exact, dist, large)
 
 
+def hidden_keys(T: int, K: int, offset: int, key_mask: torch.Tensor | None, causal: bool, device):
+    """Bool (B|1, 1, T, K), True = hidden, for queries at offset..offset+T-1 over keys 0..K-1: later keys when
+    causal, padding (key_mask (B, >=K), 0 = padding) always; None when nothing is hidden."""
+    q = torch.arange(offset, offset + T, device=device)[:, None]
+    hidden = (torch.arange(K, device=device)[None, :] > q)[None, None] if causal else None  # (1, 1, T, K)
+    if key_mask is not None:
+        pad = ~key_mask[:, None, None, :K].bool()  # (B, 1, 1, K)
+        hidden = pad if hidden is None else hidden | pad
+    return hidden
+
+
+def hide(hidden: torch.Tensor | None, dtype, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """An additive attention bias: `bias` (or zeros) with hidden keys at the most negative number rather than
+    -inf, so that a query with no visible key (a padded one) averages the values instead of giving NaN."""
+    if hidden is None:
+        return bias
+    if bias is None:
+        bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
+    return bias.masked_fill(hidden, torch.finfo(dtype).min)
+
+
+def cross_bias(encoder_mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """Cross-attention's bias (B, 1, 1, S) hiding the encoder's padding (encoder_mask (B, S), 0 = padding)."""
+    if encoder_mask is None or bool(encoder_mask.all()):
+        return None
+    return hide(~encoder_mask.bool()[:, None, None], dtype)
+
+
+def cross_kv(cache, layer: int, project):
+    """Cross-attention keys/values: project() -> (k, v) (B, nh, S, hd) of the encoder output, computed once and
+    kept in the cache while decoding (the encoder output does not change)."""
+    if cache is not None and cache.cross[layer] is not None:
+        return cache.cross[layer]
+    kv = project()
+    if cache is not None:
+        cache.cross[layer] = kv
+    return kv
+
+
 class Seq2SeqCache(KVCache):
     """Decoder self-attention keys/values, preallocated (B, nh, max_len, hd) per decoder layer (see KVCache), and
     the cross-attention keys/values of the encoder output (B, nh, S, hd), computed by the first decode call."""
@@ -92,12 +132,8 @@ class T5Attention(nn.Module):
             k, v = self.heads(self.k(x)), self.heads(self.v(x))
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # (B, nh, K, hd)
-        elif cache is not None and cache.cross[layer] is not None:
-            k, v = cache.cross[layer]  # the encoder output does not change while decoding
-        else:
-            k, v = self.heads(self.k(source)), self.heads(self.v(source))  # (B, nh, S, hd)
-            if cache is not None:
-                cache.cross[layer] = (k, v)
+        else:  # (B, nh, S, hd)
+            k, v = cross_kv(cache, layer, lambda: (self.heads(self.k(source)), self.heads(self.v(source))))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (B, nh, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
@@ -133,20 +169,15 @@ class Stack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def bias(self, T: int, K: int, offset: int, key_mask: torch.Tensor | None, dtype) -> torch.Tensor:
-        """Position bias plus mask, (B|1, nh, T, K), for queries at offset..offset+T-1 over keys 0..K-1.
-        Hidden keys (padding; later tokens in the decoder) get the most negative number rather than -inf, so
-        that a query with no visible key (a padded one) averages the values instead of giving NaN."""
+        """Position bias plus mask, (B|1, nh, T, K), for queries at offset..offset+T-1 over keys 0..K-1; hidden keys
+        (padding; later tokens in the decoder) at the most negative number (see hide)."""
         device = self.rel_bias.weight.device
         q = torch.arange(offset, offset + T, device=device)[:, None]
         k = torch.arange(K, device=device)[None, :]
         buckets = relative_bucket(k - q, not self.decoder, self.cfg.relative_attention_num_buckets,
                                   self.cfg.relative_attention_max_distance)  # (T, K)
         bias = self.rel_bias(buckets).permute(2, 0, 1)[None].to(dtype)  # (1, nh, T, K)
-        hidden = (k > q)[None, None] if self.decoder else None  # (1, 1, T, K)
-        if key_mask is not None:
-            pad = ~key_mask[:, None, None, :K].bool()  # (B, 1, 1, K)
-            hidden = pad if hidden is None else hidden | pad
-        return bias if hidden is None else bias.masked_fill(hidden, torch.finfo(dtype).min)
+        return hide(hidden_keys(T, K, offset, key_mask, self.decoder, device), dtype, bias)
 
     def forward(self, x, bias, cache=None, source=None, cross_bias=None):
         for i, block in enumerate(self.layers):
@@ -154,9 +185,67 @@ class Stack(nn.Module):
         return self.norm(x)
 
 
-class T5(ModelBase):
+class Seq2SeqModel(ModelBase):
+    """What T5 and BART (bart.py) share: the decoder cache, teacher forcing from labels, the decoder's cache and
+    padding bookkeeping, forward. A subclass gives encode(input_ids, attention_mask) -> (B, S, H) and
+    decode(decoder_input_ids, encoder_out, encoder_mask, cache, decoder_attention_mask) -> (B, T, vocab)."""
+
     family = "encoder-decoder"
 
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def new_cache(self, batch_size: int, max_len: int) -> Seq2SeqCache:
+        """A cache for decoding up to max_len decoder positions (the start token counts)."""
+        return Seq2SeqCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: decoder inputs = [decoder_start] + labels[:-1], with -100 (ignored) as the pad id."""
+        start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
+        if start is None or pad is None:
+            raise ConfigError("model config: shifting labels needs decoder_start_token_id and pad_token_id")
+        shifted = labels.new_full(labels.shape, start)
+        shifted[..., 1:] = labels[..., :-1]
+        return shifted.masked_fill(shifted == -100, pad)
+
+    @staticmethod
+    def decoder_keys(T: int, cache: Seq2SeqCache | None, decoder_attention_mask, device):
+        """(offset, K, key_mask) of a decode call over T new tokens: the first new position, the keys attended
+        (cached + new) and the decoder padding (B, >=K) or None. With a cache, padding is remembered for later
+        steps and the cache's write slots are set (its length advances after the layers ran)."""
+        offset = cache.length if cache is not None else 0
+        K = offset + T
+        key_mask = decoder_attention_mask
+        if cache is not None:
+            if K > cache.max_len:
+                raise ValueError(f"decoder cache holds {cache.max_len} positions; {K} needed")
+            if decoder_attention_mask is not None:  # remember padding for later steps
+                cache.key_mask[:, : decoder_attention_mask.shape[1]] = decoder_attention_mask.bool()
+                cache.has_padding = cache.has_padding or not bool(decoder_attention_mask.all())
+            key_mask = cache.key_mask if cache.has_padding else None
+            cache.index, cache.visible = torch.arange(offset, K, device=device), K
+        elif key_mask is not None and bool(key_mask.all()):
+            key_mask = None
+        return offset, K, key_mask
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                labels=None) -> torch.Tensor:
+        """input_ids (B, S) -> logits (B, T, vocab) for decoder_input_ids (B, T), or for the labels shifted right."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError(f"{type(self).__name__} needs decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        encoder_out = self.encode(input_ids, attention_mask)
+        return self.decode(decoder_input_ids, encoder_out, attention_mask, None, decoder_attention_mask)
+
+    def save_pretrained(self, out_dir, dtype=None, **kw):
+        """A *ForConditionalGeneration directory that transformers loads."""
+        from lmlab.interop.hf import save_pretrained
+        save_pretrained(self, out_dir, dtype=dtype, **kw)
+
+
+class T5(Seq2SeqModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         check_config(cfg)
@@ -166,10 +255,6 @@ class T5(ModelBase):
         self.decoder = Stack(cfg, cfg.num_decoder_layers or cfg.num_hidden_layers, decoder=True)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()
-
-    def tie_weights(self):
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -193,19 +278,6 @@ class T5(ModelBase):
                 p.normal_(0, h ** -0.5)
         self.tie_weights()
 
-    def new_cache(self, batch_size: int, max_len: int) -> Seq2SeqCache:
-        """A cache for decoding up to max_len decoder positions (the start token counts)."""
-        return Seq2SeqCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
-
-    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: decoder inputs = [decoder_start] + labels[:-1], with -100 (ignored) as the pad id."""
-        start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
-        if start is None or pad is None:
-            raise ConfigError("model config: shifting labels needs decoder_start_token_id and pad_token_id")
-        shifted = labels.new_full(labels.shape, start)
-        shifted[..., 1:] = labels[..., :-1]
-        return shifted.masked_fill(shifted == -100, pad)
-
     def encode(self, input_ids, attention_mask=None) -> torch.Tensor:
         """input_ids (B, S), attention_mask (B, S) 1 = token, 0 = padding (either side) -> (B, S, H)."""
         S = input_ids.shape[1]
@@ -222,44 +294,14 @@ class T5(ModelBase):
         cross-attention keys/values are computed on the first call and reused).
         decoder_attention_mask (B, K): 1 for real decoder tokens, covering cached and new ones.
         """
-        B, T = decoder_input_ids.shape
-        offset = cache.length if cache is not None else 0
-        K = offset + T
-        key_mask = decoder_attention_mask
-        if cache is not None:
-            if K > cache.max_len:
-                raise ValueError(f"decoder cache holds {cache.max_len} positions; {K} needed")
-            if decoder_attention_mask is not None:  # remember padding for later steps
-                cache.key_mask[:, : decoder_attention_mask.shape[1]] = decoder_attention_mask.bool()
-                cache.has_padding = cache.has_padding or not bool(decoder_attention_mask.all())
-            key_mask = cache.key_mask if cache.has_padding else None
-            cache.index, cache.visible = torch.arange(offset, K, device=decoder_input_ids.device), K
-        elif key_mask is not None and bool(key_mask.all()):
-            key_mask = None
+        T = decoder_input_ids.shape[1]
+        offset, K, key_mask = self.decoder_keys(T, cache, decoder_attention_mask, decoder_input_ids.device)
         x = self.embed(decoder_input_ids)  # (B, T, H)
         bias = self.decoder.bias(T, K, offset, key_mask, x.dtype)  # (B|1, nh, T, K)
-        cross_bias = None  # cross-attention has no position bias, only the encoder's padding
-        if encoder_mask is not None and not bool(encoder_mask.all()):
-            cross_bias = torch.zeros(encoder_mask.shape, dtype=x.dtype, device=x.device)
-            cross_bias = cross_bias.masked_fill(~encoder_mask.bool(), torch.finfo(x.dtype).min)[:, None, None]
-        h = self.decoder(x, bias, cache, encoder_out, cross_bias)  # (B, T, H)
+        # cross-attention has no position bias, only the encoder's padding
+        h = self.decoder(x, bias, cache, encoder_out, cross_bias(encoder_mask, x.dtype))  # (B, T, H)
         if cache is not None:
             cache.length = K
         if self.config.tie_word_embeddings:  # v1.0: the tied head sees the output scaled by 1/sqrt(H)
             h = h * self.config.hidden_size ** -0.5
         return self.lm_head(h)
-
-    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                labels=None) -> torch.Tensor:
-        """input_ids (B, S) -> logits (B, T, vocab) for decoder_input_ids (B, T), or for the labels shifted right."""
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("T5 needs decoder_input_ids or labels")
-            decoder_input_ids = self.shift_right(labels)
-        encoder_out = self.encode(input_ids, attention_mask)
-        return self.decode(decoder_input_ids, encoder_out, attention_mask, None, decoder_attention_mask)
-
-    def save_pretrained(self, out_dir, dtype=None, **kw):
-        """A T5ForConditionalGeneration directory that transformers loads."""
-        from lmlab.interop.hf import save_pretrained
-        save_pretrained(self, out_dir, dtype=dtype, **kw)

@@ -46,7 +46,7 @@ class RMSNorm(nn.Module):
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.hidden_size, cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
 ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -54,15 +54,16 @@ ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "gelu_tanh": lambda x: F.
 
 # ------------------------------------------------------------------------------------------------ RoPE
 def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (hd/2,) and the cos/sin scale, for every RoPE scaling type transformers has.
+    """Inverse frequencies (rd/2,) and the cos/sin scale, for every RoPE scaling type transformers has.
 
+    rd = cfg.rotary_dim (head_dim, or its first part with a partial_rotary_factor, as transformers computes it).
     `seq_len` matters only for dynamic NTK, which stretches the base once a sequence is longer than
     max_position_embeddings (recomputed per forward, as transformers does).
     """
-    dim, base = cfg.head_dim, cfg.rope_theta
+    dim, base = cfg.rotary_dim, cfg.rope_theta
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", "default")
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # (hd/2,)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # (rd/2,)
     if kind == "dynamic":
         max_pos = cfg.max_position_embeddings
         seq_len = max(seq_len or max_pos, max_pos)
@@ -136,16 +137,20 @@ class Rotary(nn.Module):
             seq_len = int(position_ids.max()) + 1
             if seq_len > self.cfg.max_position_embeddings:
                 inv_freq = rope_inv_freq(self.cfg, seq_len)[0].to(inv_freq.device)
-        freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, rd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rd)
         cos, sin = emb.cos(), emb.sin()
         if self.scale != 1.0:
             cos, sin = cos * self.scale, sin * self.scale
-        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # (B, 1, T, hd): broadcast over heads
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # (B, 1, T, rd): broadcast over heads
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, n_heads, T, hd). Rotate pairs (i, i + hd/2)."""
+    """x: (B, n_heads, T, hd), cos/sin (B, 1, T, rd). Rotate pairs (i, i + rd/2) of the first rd dims; with
+    partial rotary (rd < hd, GPT-NeoX) the other dims pass through unrotated."""
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 

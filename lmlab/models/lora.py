@@ -97,16 +97,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _peft_prefix(model, name: str) -> str:
-    """lmlab module path -> PEFT's key prefix, through the model family's HF tensor-name map."""
-    from lmlab.interop.hf import _template, tensor_map
+def _peft_prefix(model, name: str) -> tuple[str, torch.Tensor | None]:
+    """lmlab module path -> PEFT's key prefix, through the model family's HF tensor-name map, and the stored row
+    order of a weight whose rows are reordered as a whole (Cohere's q/k: lora_B's rows follow), else None."""
+    from lmlab.interop.hf import Rows, _template, tensor_map
 
     key, i = _template(name + ".weight")
     spec = tensor_map(model.config).get(key)
+    if isinstance(spec, Rows) and spec.index.numel() == spec.rows:
+        return "base_model.model." + spec.name.format(i=i).removesuffix(".weight"), spec.index
     if not isinstance(spec, str):
         raise ConfigError(f"{name}: LoRA on this layer has no PEFT equivalent for {model.config.model_type} "
                           f"(it is stored fused or transposed)")
-    return "base_model.model." + spec.format(i=i).removesuffix(".weight")
+    return "base_model.model." + spec.format(i=i).removesuffix(".weight"), None
 
 
 def save_adapter(model, out_dir, base_model_name_or_path: str | None = None) -> None:
@@ -117,9 +120,12 @@ def save_adapter(model, out_dir, base_model_name_or_path: str | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, m in lora_layers(model).items():
-        prefix = _peft_prefix(model, name)
+        prefix, rows = _peft_prefix(model, name)
+        B = m.lora_B.detach().cpu()  # (out, r)
+        if rows is not None:
+            B = torch.empty_like(B).index_copy_(0, rows, B)  # stored row rows[j] is lmlab's row j
         tensors[f"{prefix}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{prefix}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = B.contiguous()
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False,
            "inference_mode": True, "base_model_name_or_path": base_model_name_or_path, **model.lora_config}
     atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
@@ -142,10 +148,11 @@ def load_adapter(model, adapter_dir):
     tensors = load_file(d / "adapter_model.safetensors")
     with torch.no_grad():
         for name, m in lora_layers(model).items():
-            prefix = _peft_prefix(model, name)
+            prefix, rows = _peft_prefix(model, name)
             for part in ("lora_A", "lora_B"):
                 key = f"{prefix}.{part}.weight"
                 if key not in tensors:
                     raise ConfigError(f"{d / 'adapter_model.safetensors'}: tensor {key!r} is missing")
-                getattr(m, part).copy_(tensors[key])
+                t = tensors[key]
+                getattr(m, part).copy_(t[rows] if part == "lora_B" and rows is not None else t)
     return model

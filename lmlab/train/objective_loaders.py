@@ -2,6 +2,8 @@
 
     BERT (masked LM):      window (B, T) -> inputs with 15% of tokens masked 80/10/10, labels (-100 elsewhere)
     T5 (span corruption):  window (B, R) -> inputs with spans replaced by sentinels, targets "<x0> span0 <x1> ..."
+    BART (denoising):      window (B, T) -> inputs with sentences shuffled and spans infilled by <mask>, targets
+                           the window itself
 
 The masks are drawn from a generator seeded by (train.seed, rank, batches served), so a resumed run sees
 exactly the masks it would have seen; validation masks are fixed per batch, so val_loss is comparable
@@ -15,8 +17,10 @@ import torch.nn.functional as F
 
 from lmlab.data.objectives import (
     collate_span_corruption,
+    denoise,
     mask_tokens,
     raw_length_for_inputs,
+    sentence_end_ids,
     sentinel_ids,
     span_corruption,
     word_ids_from_tokens,
@@ -55,9 +59,10 @@ class CorruptingLoader:
         return getattr(self.inner, name)
 
 
-def window_len(family: str, seq_len: int, dc) -> int:
-    """Raw tokens per training row: seq_len for BERT; for T5 the raw length whose corrupted inputs fill seq_len."""
-    if family == "encoder-decoder":
+def window_len(family: str, seq_len: int, dc, model_type: str | None = None) -> int:
+    """Raw tokens per training row: seq_len for BERT and BART (whose noised inputs are never longer than the
+    window); for T5 the raw length whose corrupted inputs fill seq_len."""
+    if family == "encoder-decoder" and model_type != "bart":
         return raw_length_for_inputs(seq_len, dc.noise_density, dc.mean_noise_span_length)
     return seq_len
 
@@ -104,6 +109,21 @@ def span_corrupter(tok, noise_density: float = 0.15, mean_span: float = 3.0):
     return corrupt
 
 
+def denoising_corrupter(tok, mask_ratio: float = 0.3, poisson_lambda: float = 3.0, permute_ratio: float = 1.0):
+    mask, pad = tok.mask_token_id, tok.pad_token_id
+    if mask is None or pad is None:
+        raise ValueError("BART denoising needs a tokenizer with <mask> and pad tokens")
+    ends = sentence_end_ids(tok)
+
+    def corrupt(window, seed):
+        rng = np.random.default_rng(seed)
+        pairs = [denoise([t for t in row if t != mask], mask_id=mask, sentence_end_ids=ends, mask_ratio=mask_ratio,
+                         poisson_lambda=poisson_lambda, permute_ratio=permute_ratio, rng=rng)
+                 for row in window.tolist()]  # (a <mask> in raw text is not kept)
+        return collate_span_corruption(pairs, pad)  # input_ids (B, S), attention_mask (B, S), labels (B, T)
+    return corrupt
+
+
 def seq2seq_loss(model):
     """Cross-entropy of the decoder on the targets: batch = (input_ids, attention_mask, labels (-100 = pad))."""
     def loss_fn(step_model, batch):
@@ -120,6 +140,8 @@ def objective(family: str, model, tok, dc):
 
     if family == "encoder":
         return mlm_corrupter(tok, model.config.vocab_size, dc.mlm_probability, dc.whole_word_mask), masked_lm_loss(model)
+    if model.config.model_type == "bart":
+        return denoising_corrupter(tok, dc.mask_ratio, dc.poisson_lambda, dc.permute_sentences), seq2seq_loss(model)
     return span_corrupter(tok, dc.noise_density, dc.mean_noise_span_length), seq2seq_loss(model)
 
 

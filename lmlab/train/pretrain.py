@@ -3,6 +3,7 @@
     lmlab pretrain --preset tiny --data world --out runs/pretrain
     lmlab pretrain --family encoder --preset tiny --out runs/bert            (masked LM, train/objective_loaders.py)
     lmlab pretrain --family encoder-decoder --preset tiny --out runs/t5      (T5 span corruption)
+    lmlab pretrain --family encoder-decoder --arch bart --out runs/bart      (BART denoising, bart-tiny)
     torchrun --nproc_per_node=2 -m lmlab pretrain --preset tiny --data world --out runs/pretrain
 
 The run directory holds config.yaml, data/ (shards + tokenizer), metrics.jsonl, plots/, checkpoints/,
@@ -38,25 +39,35 @@ def documents(dc: DataConfig, family: str = "decoder") -> list[str]:
     return list(iter_documents(dc.source, field=dc.field))
 
 
-def train_tokenizer(docs, dc: DataConfig, family: str, show_progress: bool = True):
+# BART's specials (facebook/bart-base's strings) on a byte-level BPE; texts are framed "<s> text </s>"
+BART_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "mask_token": "<mask>"}
+
+
+def train_tokenizer(docs, dc: DataConfig, family: str, show_progress: bool = True, model_type: str | None = None):
     """A tokenizer trained on the documents, with what the family's objective needs: byte-level BPE with the
     chat tokens for decoders, WordPiece ([CLS] [SEP] [MASK] [PAD]) for BERT, SentencePiece unigram with the
-    100 sentinels <extra_id_N> for T5 (data.tokenizer_kind picks another kind)."""
+    100 sentinels <extra_id_N> for T5, byte-level BPE with <s> </s> <pad> <mask> for BART (data.tokenizer_kind
+    picks another kind)."""
     from lmlab.chat import DEFAULT_SPECIAL_TOKENS
     from lmlab.data.objectives import sentinel_tokens
     from lmlab.tokenizer import Tokenizer
 
-    auto = {"decoder": "bpe", "encoder": "wordpiece", "encoder-decoder": "unigram"}[family]
+    bart = model_type == "bart"
+    auto = "bpe" if bart else {"decoder": "bpe", "encoder": "wordpiece", "encoder-decoder": "unigram"}[family]
     kind = auto if dc.tokenizer_kind == "auto" else dc.tokenizer_kind
     special, roles = None, None
-    if family == "encoder-decoder":
+    if bart:
+        roles = BART_SPECIALS
+    elif family == "encoder-decoder":
         special = [*DEFAULT_SPECIAL_TOKENS, *sentinel_tokens(100)]
     elif family == "encoder" and kind != "wordpiece":
         roles = {"mask_token": "<mask>"}
     tok = Tokenizer.train(docs, dc.vocab_size, kind=kind, special_tokens=special, special_roles=roles,
                           show_progress=show_progress)
-    if family == "encoder-decoder" and tok.backend == "sentencepiece":  # T5's convention: no bos, text ends with </s>
-        tok.add_bos_token, tok.add_eos_token = False, True
+    if bart:
+        tok.set_framing(bos=True, eos=True)
+    elif family == "encoder-decoder" and tok.backend == "sentencepiece":  # T5's convention: no bos, text ends with </s>
+        tok.set_framing(bos=False, eos=True)
     return tok
 
 
@@ -68,7 +79,7 @@ def prepare_data(rc: RunConfig, shard_dir: Path, show_progress: bool = True):
     if dist.is_main() and not (shard_dir / "index.json").exists():
         docs = documents(rc.data, rc.model.family)
         if rc.data.tokenizer == "train":
-            tok = train_tokenizer(docs, rc.data, rc.model.family, show_progress)
+            tok = train_tokenizer(docs, rc.data, rc.model.family, show_progress, rc.model.model_type)
         else:
             tok = load_tokenizer(rc.data.tokenizer)
         build_shards(docs, tok, shard_dir, val_fraction=rc.data.val_fraction, seed=rc.train.seed,
@@ -142,7 +153,7 @@ def objective_loaders(family: str, model, tok, shard_dir: Path, t, dc: DataConfi
     from lmlab.train.objective_loaders import CorruptingLoader, evaluate_objective, objective, window_len
 
     corrupt, loss_fn = objective(family, model, tok, dc)
-    L = window_len(family, t.seq_len, dc)
+    L = window_len(family, t.seq_len, dc, model.config.model_type)
 
     def loader(split):  # raw windows of L tokens: the TokenLoader's (x, y) pairs span L = seq_len + 1
         return CorruptingLoader(TokenLoader(shard_dir, split, micro, L - 1, t.seed, dist.rank(), dist.world_size()),
@@ -172,7 +183,9 @@ def run(rc: RunConfig, out_dir, resume: bool = False, stop_at: int | None = None
     mc = rc.model.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id,
                           max_position_embeddings=max(rc.model.max_position_embeddings, t.seq_len))
-    if family == "encoder-decoder":  # T5 starts decoding from the pad token
+    if mc.model_type == "bart":  # BART starts decoding from eos, and forces eos at the length limit
+        mc = mc.replace(decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id)
+    elif family == "encoder-decoder":  # T5 starts decoding from the pad token
         mc = mc.replace(decoder_start_token_id=tok.pad_token_id)
     torch.manual_seed(t.seed)  # every rank builds the same initial weights
     model = build(mc)

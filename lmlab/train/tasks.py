@@ -1,5 +1,5 @@
 """Fine-tuning the encoder families on a task, through the one loop: classification (BERT, RoBERTa) and
-text-to-text (T5).
+text-to-text (T5, BART).
 
     lmlab finetune --task classify --model runs/bert/final --data world --out runs/bert-sentiment
     lmlab finetune --task seq2seq  --model runs/t5/final   --data world --out runs/t5-qa
@@ -92,10 +92,13 @@ def label_names(records: list[dict]) -> list[str]:
 
 
 def encode_text(tok, text: str, max_len: int, eos: bool = False) -> list[int]:
-    """Token ids, cut to max_len keeping the last token when the tokenizer adds [SEP]/</s> itself."""
+    """Token ids, cut to max_len keeping the last token when the tokenizer adds [SEP]/</s> itself. eos: the text
+    ends with eos whatever the tokenizer adds (text-to-text), after bos when the tokenizer frames texts with one
+    (BART: "<s> text </s>"; T5: "text </s>")."""
     ids = tok.encode(text, add_special_tokens=not eos)
     if eos:
-        ids = ids[: max_len - 1] + [tok.eos_token_id]
+        bos = [tok.bos_token_id] if getattr(tok, "add_bos_token", False) else []
+        ids = bos + ids[: max_len - 1 - len(bos)] + [tok.eos_token_id]
     return ids if len(ids) <= max_len else ids[: max_len - 1] + ids[-1:]
 
 
@@ -118,11 +121,12 @@ def task_model(task: str, model_dir, rc: RunConfig, labels: list[str] | None):
             torch.manual_seed(rc.train.seed)
             model = EncoderClassifier(model.config, len(labels), id2label=id2label, backbone=backbone)
     elif family != "encoder-decoder":
-        raise ConfigError(f"{model_dir}: --task seq2seq needs an encoder-decoder model (T5), not a {family} model")
+        raise ConfigError(f"{model_dir}: --task seq2seq needs an encoder-decoder model (T5, BART), not a {family} "
+                          f"model")
     if rc.lora.r:
         torch.manual_seed(rc.train.seed)
         targets = rc.lora.targets if isinstance(rc.lora.targets, str) else tuple(rc.lora.targets)
-        if family == "encoder-decoder" and targets == tuple(LoRAConfig().targets):
+        if model.config.model_type == "t5" and targets == tuple(LoRAConfig().targets):
             targets = T5_LORA_TARGETS  # T5's attention projections are named q, k, v, o
         apply_lora(model, rc.lora.r, rc.lora.alpha, rc.lora.dropout, targets)
         if task == "classify":  # the new head (and BERT's pooler) train with the adapters
@@ -169,7 +173,7 @@ def classify_predictions(model, tok, texts: list[str], seq_len: int = 256, batch
 @torch.no_grad()
 def seq2seq_predictions(model, tok, inputs: list[str], seq_len: int = 256, max_new_tokens: int = 24,
                         batch_size: int = 32) -> list[str]:
-    """Greedy answers of a T5 to raw inputs."""
+    """Greedy answers of an encoder-decoder (T5, BART) to raw inputs."""
     from lmlab.inference.seq2seq import generate_seq2seq
 
     was_training, out = model.training, []
