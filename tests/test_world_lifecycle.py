@@ -59,20 +59,26 @@ def test_sft_teaches_the_seen_people_qa(chain):
 
 def test_reward_model_ranks_held_out_pairs(chain):
     """Measured: pair accuracy 0.656 on 1286 held-out pairs (0.567 on 756 before the rankings held rambling
-    wrong answers and trained as whole rankings; chance 0.5, one standard error 0.013)."""
-    from lmlab.data.prefs import encode_ranking, load_rankings, split_rankings, to_pairs
-    from lmlab.data.world import IDK
+    wrong answers and trained as whole rankings; chance 0.5, one standard error 0.013). A concise right answer
+    about a known person beats "I don't know" in 75 of 110 held-out pairs (0.68); a rambling right one never
+    does: the model learned that rambling costs, not yet that a fact is right (docs/posttraining.md)."""
+    from lmlab.data.prefs import encode_ranking, load_rankings, split_rankings
+    from lmlab.data.world import IDK, REPLY_PREFIX, answer
     from lmlab.train.reward import pair_accuracy
 
-    assert chain["reward"]["pair_acc"] >= 0.53, chain["reward"]
+    assert chain["reward"]["pair_acc"] >= 0.6, chain["reward"]
     rm_dir = chain["root"] / "reward" / "final"
     rm, tok = lmlab.load_model(rm_dir), lmlab.load_tokenizer(rm_dir)
     _, val = split_rankings(load_rankings("world"), 0.1, seed=0)
     world = make_world()
-    idk_pairs = [p for p in to_pairs(val) if world.parse_prompt(p["prompt"])[2] is not None
-                 and p["rejected"].strip() == IDK.format(name=world.parse_prompt(p["prompt"])[0])]
-    assert len(idk_pairs) >= 20
-    pairs = [encode_ranking(tok, {"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]]}) for p in idk_pairs]
+    known = [(r["prompt"], name, attr, person) for r in val
+             for name, attr, person in [world.parse_prompt(r["prompt"])] if person is not None]
+    pairs = [{"prompt": prompt, "responses": [REPLY_PREFIX + answer(name, attr, person.facts()),
+                                              REPLY_PREFIX + IDK.format(name=name)]}
+             for prompt, name, attr, person in known]  # (the right answer, "I don't know")
+    assert len(pairs) >= 100 and all(set(p["responses"]) <= set(r["responses"]) for p, r in
+                                     zip(pairs, [r for r in val if world.parse_prompt(r["prompt"])[2] is not None]))
+    pairs = [encode_ranking(tok, p) for p in pairs]
     acc = pair_accuracy(rm, pairs, tok.pad_token_id)["pair_acc"]
     assert acc >= 0.6, acc
 
@@ -92,11 +98,12 @@ def test_ppo_with_the_gold_reward_raises_it_with_bounded_kl(chain):
     assert 0 < ppo_report["kl"] < 10
 
 
-@pytest.mark.xfail(reason="the learned reward model is too weak (pair accuracy ~0.57-0.61): PPO over-optimises it "
-                          "and the gold reward falls (default world: 0.30 -> -0.31, docs/posttraining.md); turns "
-                          "green once the reward model learns the knowledge-dependent preferences", strict=False)
 def test_ppo_with_the_learned_reward_model_raises_gold_reward(chain):
-    assert chain["ppo_rm"]["gold_reward"] > chain["sft"]["gold_reward"], (chain["sft"], chain["ppo_rm"])
+    """Measured: with the learned reward model (no oracle) PPO raises the gold reward -0.735 (SFT) -> -0.336,
+    KL 6.6, about as far as PPO on the gold reward itself (-0.354) and by the same route: answering evasively
+    or with "I don't know" instead of wrongly (QA accuracy falls to 0 on these 40 questions; the reward model
+    cannot yet tell a right fact from a wrong one, so it pays for caution)."""
+    assert chain["ppo_rm"]["gold_reward"] > chain["sft"]["gold_reward"] + 0.1, (chain["sft"], chain["ppo_rm"])
     assert chain["ppo_rm"]["kl"] < 10
 
 

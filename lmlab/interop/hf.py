@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -123,6 +124,14 @@ def family_module(model_type: str):
     return importlib.import_module(FAMILY_MODULES[model_type])
 
 
+def required(d: dict, source: str, *names):
+    """The value of the first of `names` (old and new spellings of one field) that config.json `d` sets."""
+    for n in names:
+        if d.get(n) is not None:
+            return d[n]
+    raise CheckpointError(f"{source}: required field {names[0]!r} is missing")
+
+
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     """Read a transformers config.json (v4 or v5 keys) into a ModelConfig."""
     mt = d.get("model_type")
@@ -132,12 +141,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         raise CheckpointError(f"{source}: model_type {mt!r} (architectures {d.get('architectures')}) is not "
                               f"supported; supported: {sorted(ARCHS | FAMILY_MODULES)}")
 
-    def req(*names):
-        for n in names:
-            if d.get(n) is not None:
-                return d[n]
-        raise CheckpointError(f"{source}: required field {names[0]!r} is missing")
-
+    req = partial(required, d, source)
     act = d.get("activation_function" if mt == "gpt2" else "hidden_act", "gelu_new" if mt == "gpt2" else "silu")
     if act not in _ACTS:
         raise CheckpointError(f"{source}: activation {act!r} is not supported; supported: {sorted(_ACTS)}")

@@ -15,11 +15,13 @@ not) and store some tensors in layouts lmlab's Attention does not use, which `Ro
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.interop.hf import _ACTS, Rows, load_decoder, rope_from_hf
+from lmlab.interop.hf import _ACTS, Rows, load_decoder, required, rope_from_hf
 
 ARCHS = {"gpt_neox": "GPTNeoXForCausalLM", "falcon": "FalconForCausalLM", "cohere": "CohereForCausalLM"}
 _ACT_NAMES = {"silu": "silu", "gelu": "gelu", "relu": "relu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -30,12 +32,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     """A gpt_neox / falcon / cohere config.json (transformers v4 or v5 keys) -> ModelConfig."""
     mt = d["model_type"]
 
-    def req(*names):
-        for n in names:
-            if d.get(n) is not None:
-                return d[n]
-        raise CheckpointError(f"{source}: required field {names[0]!r} is missing")
-
+    req = partial(required, d, source)
     act = d.get("activation" if mt == "falcon" else "hidden_act", "silu" if mt == "cohere" else "gelu")
     if act not in _ACTS:
         raise CheckpointError(f"{source}: activation {act!r} is not supported; supported: {sorted(_ACTS)}")
@@ -46,11 +43,11 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
               num_hidden_layers=req("num_hidden_layers", "n_layer"), num_attention_heads=nh, head_dim=h // nh,
               max_position_embeddings=d.get("max_position_embeddings", 2048), norm="layernorm", position="rope")
     if mt == "gpt_neox":  # v4 keys rotary_pct / rotary_emb_base; both versions default to a quarter of each head
-        theta, scaling, partial = rope_from_hf({"partial_rotary_factor": d.get("rotary_pct", 0.25),
+        theta, scaling, rotary = rope_from_hf({"partial_rotary_factor": d.get("rotary_pct", 0.25),
                                                 "rope_theta": d.get("rotary_emb_base", 1e4)} | d)
         bias = d.get("attention_bias", True)
         kw |= dict(intermediate_size=req("intermediate_size"), norm_eps=d.get("layer_norm_eps", 1e-5), mlp="plain",
-                   attention_bias=bias, attention_out_bias=bias, mlp_bias=True, partial_rotary_factor=partial,
+                   attention_bias=bias, attention_out_bias=bias, mlp_bias=True, partial_rotary_factor=rotary,
                    parallel_residual=d.get("use_parallel_residual", True),
                    tie_word_embeddings=d.get("tie_word_embeddings", False))
     elif mt == "falcon":

@@ -8,13 +8,14 @@ can be tied without the scaling, which lmlab loads as an untied head holding a c
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.interop.hf import _ACTS, WeightFiles, load_weights
+from lmlab.interop.hf import _ACTS, WeightFiles, load_weights, required
 
 _T5_ACTS = _ACTS | {"gelu_python": "gelu"}
 # lmlab activation -> T5 feed_forward_proj, for plain and gated MLPs ("gated-gelu" is tanh GELU in transformers)
@@ -57,11 +58,7 @@ def _head_is_scaled(d: dict) -> tuple[bool, bool]:
 
 
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
-    def req(name):
-        if d.get(name) is None:
-            raise CheckpointError(f"{source}: required field {name!r} is missing")
-        return d[name]
-
+    req = partial(required, d, source)
     proj = d.get("feed_forward_proj", "relu")
     parts = proj.split("-")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
