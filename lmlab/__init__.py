@@ -14,7 +14,7 @@ from lmlab.inference import SamplingParams, generate_ids, stream_ids
 from lmlab.interop.hf import load_model
 from lmlab.models import build
 from lmlab.models.encoder import embed
-from lmlab.tokenizer import Tokenizer, load_tokenizer
+from lmlab.tokenizer import TextStream, Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "LmlabError", "ModelConfig", "SamplingParams", "Tokenizer", "build",
@@ -102,14 +102,9 @@ def stream(model, tok_or_ids, prompt: str | None = None, messages: list[dict] | 
         kw.setdefault("stop_token_ids", sorted(set(stop_token_ids(tok)) | set(model.config.eos_ids)))
     else:
         ids = tok.encode(prompt)
-    new, emitted = [], ""
+    text = TextStream(tok)
     for token in steps(ids, tok):
-        new.append(token)
-        text = tok.decode(new, skip_special_tokens=True)
-        # hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until its last byte arrives
-        if not text.endswith("\ufffd") and text.startswith(emitted) and len(text) > len(emitted):
-            yield text[len(emitted):]
-            emitted = text
-    text = tok.decode(new, skip_special_tokens=True)
-    if text.startswith(emitted) and len(text) > len(emitted):  # generation ended inside a character
-        yield text[len(emitted):]
+        if piece := text.add(token):
+            yield piece
+    if piece := text.flush():  # generation ended inside a character
+        yield piece

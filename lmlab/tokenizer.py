@@ -290,6 +290,37 @@ class Tokenizer:
         return tokenizer_train.train(cls, data, vocab_size, kind, special_tokens, show_progress, special_roles)
 
 
+class TextStream:
+    """Incremental decoding of generated ids: `add(id)` returns the text it completes, in O(1) tokens of work
+    (decoding the whole reply again per token is quadratic). As transformers' streamers and vLLM do: decode a
+    short window twice, with and without the new tokens, and return the difference; text ending in an
+    incomplete UTF-8 character (U+FFFD) is held back until its last byte arrives."""
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tok, skip_special_tokens
+        self.ids: list[int] = []
+        self.start = self.read = 0  # window ids[start:], of which ids[start:read] were already returned
+
+    def _diff(self) -> str:
+        before = self.tok.decode(self.ids[self.start:self.read], self.skip)
+        after = self.tok.decode(self.ids[self.start:], self.skip)
+        return after[len(before):] if len(after) > len(before) else ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(int(token))
+        new = self._diff()
+        if not new or new.endswith("\ufffd"):
+            return ""
+        self.start, self.read = self.read, len(self.ids)
+        return new
+
+    def flush(self) -> str:
+        """What is held back at the end (an incomplete character comes out as U+FFFD)."""
+        new = self._diff()
+        self.start = self.read = len(self.ids)
+        return new
+
+
 def _without_dummy_prefix(model: bytes):
     """A second processor of the same model that adds no leading "▁" (for text after an added token)."""
     import sentencepiece as spm

@@ -116,7 +116,12 @@ def test_greedy_chat_and_completion_equal_lmlab_generate(live, ref, model_dir):
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == chat(HELLO, 12)
-    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage is None
+    chunks = list(c.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12  # OpenAI's usage chunk
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens and all(ch.usage is None for ch in chunks[:-1])
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks[:-1]) == chat(HELLO, 12)
     r = c.completions.create(model=MODEL_ID, prompt="Ada Lovelace was born", max_tokens=10, temperature=0)
     assert r.choices[0].text == complete("Ada Lovelace was born", 10)
     text = "".join(ch.choices[0].text for ch in c.completions.create(
@@ -240,10 +245,10 @@ def test_an_exception_in_one_request_is_its_own_500(live, monkeypatch):
     eng = live.engine
     real = eng._prefill
 
-    def boom(req):
-        if len(req.prompt) > 40:
+    def boom(reqs):  # the engine prefills a group together, then retries each alone: only the long one fails
+        if any(len(r.prompt) > 40 for r in reqs):
             raise RuntimeError("injected failure")
-        return real(req)
+        return real(reqs)
     monkeypatch.setattr(eng, "_prefill", boom)
     long = [{"role": "user", "content": "Tell me everything about Ada Lovelace and her work " * 3}]
     with pytest.raises(openai.InternalServerError, match="injected failure"):

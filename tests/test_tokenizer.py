@@ -71,6 +71,25 @@ def test_lossless_round_trip(kind, trained):
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sp-bpe", "unigram"])
+def test_text_stream_equals_decoding_the_whole(kind, trained):
+    """TextStream's pieces, token by token, join to the decode of all ids; none holds half a character."""
+    from lmlab.tokenizer import TextStream
+    tok, _ = trained[kind]
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        stream = TextStream(tok)
+        pieces = [stream.add(i) for i in ids] + [stream.flush()]
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True), (kind, text)
+        assert not any("\ufffd" in p for p in pieces[:-1])
+    if kind == "bpe":  # byte-level: 🦙 is 4 byte tokens; only the last completes the character
+        ids = [tok.token_to_id(c) for s, _ in tok._hf.pre_tokenizer.pre_tokenize_str("a🦙") for c in s]
+        stream = TextStream(tok)
+        assert [stream.add(i) for i in ids] == ["a", "", "", "", "🦙"]
+        stream = TextStream(tok)  # a reply that ends inside a character: flush gives it as U+FFFD
+        assert [stream.add(i) for i in ids[:3]] + [stream.flush()] == ["a", "", "", "\ufffd"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp-bpe", "unigram"])
 def test_special_and_chat_tokens(kind, trained):
     tok, _ = trained[kind]
     for t in ("<|im_start|>", "<|im_end|>"):

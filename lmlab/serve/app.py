@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -52,6 +53,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk carries the usage counts
 
 
 class ChatMessage(BaseModel):
@@ -76,6 +78,43 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str]
 
 
+class _APIKey:
+    """401 for a /v1/ request without `Authorization: Bearer KEY`. Plain ASGI (not @app.middleware, whose
+    BaseHTTPMiddleware relays every streamed chunk through an extra task and memory stream)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and \
+                dict(scope["headers"]).get(b"authorization") != self.expected:
+            response = _error(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
+                              code="invalid_api_key")
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _Relay:
+    """Hands tokens from the engine thread to the event loop in batches: one loop wake-up per decode step
+    instead of one per token (call_soon_threadsafe writes to the loop's self-pipe each time)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock = loop, [], threading.Lock()
+
+    def put(self, q: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.items.append((q, item))
+            if len(self.items) > 1:  # a flush is already scheduled
+                return
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for q, item in items:
+            q.put_nowait(item)
+
+
 # ------------------------------------------------------------------------------------------------- app
 class Server:
     """The loaded model and what the routes share."""
@@ -92,6 +131,7 @@ class Server:
         self.created = int(time.time())
         self.engine = Engine(self.model, max_batch, max_len, max_waiting) if self.family == "decoder" else None
         self.context = self.engine.max_len if self.engine else self.model.config.max_position_embeddings
+        self.relay: _Relay | None = None  # made on the first request, in the server's event loop
 
     def check_model(self, name: str, generate: bool = True) -> None:
         if name != self.model_id:
@@ -123,12 +163,15 @@ async def _choices(server: Server, ids: list[int], params, stops: list[str], n: 
     from dataclasses import replace
 
     from lmlab.serve.engine import QueueFull
+    from lmlab.tokenizer import TextStream
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
-    reqs = []
+    if server.relay is None or server.relay.loop is not loop:
+        server.relay = _Relay(loop)
+    relay, reqs = server.relay, []
     try:
         for i in range(n):
             p = replace(params, seed=None if params.seed is None else params.seed + i)
-            cb = (lambda i: lambda tok, reason: loop.call_soon_threadsafe(q.put_nowait, (i, tok, reason)))(i)
+            cb = (lambda i: lambda tok, reason: relay.put(q, (i, tok, reason)))(i)
             try:
                 reqs.append(server.engine.submit(ids, p, cb))
             except QueueFull as e:
@@ -136,30 +179,35 @@ async def _choices(server: Server, ids: list[int], params, stops: list[str], n: 
                                code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
             except ValueError as e:
                 raise APIError(400, str(e)) from None
-        tokens, sent, done = [[] for _ in range(n)], [""] * n, 0
+        streams = [TextStream(server.tok) for _ in range(n)]
+        texts, counts, sent, done = [""] * n, [0] * n, [0] * n, 0  # decoded text, tokens, characters sent
+        longest_stop = max(map(len, stops), default=0)
         while done < n:
             i, tok, reason = await q.get()
             if sent[i] is None:  # already ended by a stop string
                 continue
             if tok is not None:
-                tokens[i].append(tok)
-            text = server.tok.decode(tokens[i], skip_special_tokens=True)
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
+                texts[i] += streams[i].add(tok)
+                counts[i] += 1
+            if reason is not None:
+                texts[i] += streams[i].flush()
+            text = texts[i]
+            # a stop string can only begin near the unsent end: earlier ones were found before
+            lo = max(0, sent[i] - longest_stop)
+            cut = min((k for k in (text.find(s, lo) for s in stops) if k >= 0), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
                 reqs[i].cancel()
-            elif reason is None:
-                text = text.rstrip("\ufffd")  # an incomplete multi-byte character: wait for its next token
+            elif reason is None:  # hold back what could be the start of a stop string
                 hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
                 text = text[: len(text) - hold]
             if reason is not None and reason.startswith("error"):
                 raise APIError(500, f"generation failed: {reason[7:]}", type_="server_error")
-            delta = text[len(sent[i]):] if text.startswith(sent[i]) else ""
-            sent[i] = text
-            if reason is not None:
-                sent[i], done = None, done + 1
+            delta = text[sent[i]:]
+            sent[i] = None if reason is not None else len(text)
+            done += reason is not None
             if delta or reason is not None:
-                yield i, delta, reason, len(tokens[i])
+                yield i, delta, reason, counts[i]
     finally:
         for r in reqs:
             r.cancel()
@@ -195,13 +243,8 @@ def create_app(model_dir, api_key: str | None = None, model_id: str | None = Non
     async def crashed(_, e: Exception):  # one request's failure is its own 500, never the server's end
         return _error(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/") and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
-            return _error(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
-                          code="invalid_api_key")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_APIKey, key=api_key)
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -280,22 +323,30 @@ async def _respond(server: Server, body: _Sampling, ids: list[int], params, chat
                 "model": server.model_id, "choices": choices, "usage": usage}
     first = await _first(gen)  # errors before the first token (429, 400) are plain HTTP errors
 
-    def chunk(i, delta: dict | str, reason) -> str:
-        choice = {"index": i, "delta": delta, "finish_reason": reason} if chat else \
-            {"index": i, "text": delta, "logprobs": None, "finish_reason": reason}
-        obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-               "model": server.model_id, "choices": [choice]}
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": server.model_id}
+
+    def chunk(choices: list, **usage) -> str:
+        obj = head | {"choices": choices} | ({"usage": usage or None} if include_usage else {})
         return f"data: {json.dumps(obj)}\n\n"
 
+    def choice(i, delta: dict | str, reason) -> dict:
+        return {"index": i, "delta": delta, "finish_reason": reason} if chat else \
+            {"index": i, "text": delta, "logprobs": None, "finish_reason": reason}
+
     async def events():
+        counts = [0] * body.n
         try:
             if chat:
                 for i in range(body.n):
-                    yield chunk(i, {"role": "assistant", "content": ""}, None)
+                    yield chunk([choice(i, {"role": "assistant", "content": ""}, None)])
             pending = [first] if first is not None else []
-            async for item in _chain(pending, gen):
-                i, delta, reason, _ = item
-                yield chunk(i, {"content": delta} if chat and delta else {} if chat else delta, reason)
+            async for i, delta, reason, counts[i] in _chain(pending, gen):
+                yield chunk([choice(i, {"content": delta} if chat and delta else {} if chat else delta, reason)])
+            if include_usage:  # OpenAI's last chunk: no choices, the request's token counts
+                yield chunk([], prompt_tokens=len(ids), completion_tokens=sum(counts),
+                            total_tokens=len(ids) + sum(counts))
         except APIError as e:
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.code}})}\n\n"
         finally:  # also when the client went away mid-stream: cancel its requests, freeing their slots

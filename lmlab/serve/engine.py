@@ -6,10 +6,11 @@
 
 The KV cache has `max_batch` rows on one shared timeline of `max_len` slots. Running requests occupy rows
 0..n-1 (a finished request's row is refilled by the last one, so a decode step reads n rows, not
-max_batch). A new request is prefilled on its own (batch 1) and its keys/values copied into a free row so
-that its prompt ends where the timeline is; `key_mask` hides every slot a row does not own (the others'
-older tokens, gaps), and each row carries its own position ids, so a request decodes exactly as it would
-alone. When the timeline is full, rows are compacted to the right (their real slots kept in order).
+max_batch). Waiting requests are prefilled together (one left-padded batch in a cache of their own) and
+their keys/values copied into free rows so that every prompt ends where the timeline is; `key_mask` hides
+every slot a row does not own (the others' older tokens, gaps), and each row carries its own position ids,
+so a request decodes exactly as it would alone. Attention reads the whole timeline, so once it is mostly
+no one's (or full) the rows are compacted into its first M slots (M = the longest row; slots kept in order).
 """
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ import torch
 from lmlab.inference.sampling import SamplingParams, sample
 from lmlab.models.layers import KVCache
 
+PREFILL_TOKENS = 4096  # most (padded) prompt tokens prefilled in one forward
+COMPACT_SLACK = 64  # timeline slots beyond twice the longest row before the cache is compacted
+
 
 class QueueFull(Exception):
     """More requests are waiting than the engine accepts (the server answers 429)."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with the same prompt are still two
 class Request:
     prompt: list[int]
     params: SamplingParams
@@ -64,6 +68,8 @@ class Engine:
         self.wake = threading.Event()
         self.stopped = False
         self.steps = 0  # decode steps taken (for tests and logs)
+        self.compactions = 0
+        self.admitting = 0  # requests taken from `waiting`, not yet in `running`
         self.thread = threading.Thread(target=self._loop, name="lmlab-engine", daemon=True)
         self.thread.start()
 
@@ -89,8 +95,8 @@ class Engine:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting) request counts."""
-        return len(self.running), self.waiting.qsize()
+        """(running, waiting) request counts; requests being prefilled count as running."""
+        return len(self.running) + self.admitting, self.waiting.qsize()
 
     # ----------------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
@@ -111,37 +117,72 @@ class Engine:
 
     @torch.inference_mode()
     def _admit(self) -> None:
+        """Move waiting requests into free rows, prefilling them together in groups of at most PREFILL_TOKENS
+        (padded) tokens; a group that fails is retried one request at a time, so only the bad one fails."""
         while len(self.running) < self.max_batch and not self.waiting.empty():
-            req = self.waiting.get_nowait()
-            if req.cancelled:
-                continue
+            group = []
+            while len(self.running) + len(group) < self.max_batch and not self.waiting.empty():
+                req = self.waiting.queue[0]  # peek: taken only if it fits the group
+                if group and (len(group) + 1) * max(len(req.prompt), *(len(r.prompt) for r in group)) \
+                        > PREFILL_TOKENS:
+                    break
+                if not req.cancelled:
+                    group.append(req)
+                    self.admitting += 1
+                self.waiting.get_nowait()
             try:
-                self._prefill(req)
-            except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
-                req.on_token(None, f"error: {type(e).__name__}: {e}")
+                self._prefill(group)
+            except Exception as e:  # noqa: BLE001 -- retry alone: the bad request fails, the others go on
+                for req in group:
+                    if any(r is req for r in self.running):
+                        continue
+                    try:
+                        if len(group) == 1:
+                            raise e
+                        self._prefill([req])
+                    except Exception as e1:  # noqa: BLE001
+                        req.on_token(None, f"error: {type(e1).__name__}: {e1}")
+            finally:
+                self.admitting = 0
 
-    def _prefill(self, req: Request) -> None:
-        n, cache = len(req.prompt), self.cache
-        if max(cache.length, n) + 1 > cache.max_len:  # no slot left after the prompt for its first decode step
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Run the prompts of `reqs` as one left-padded batch in a cache of their own, then copy their keys/values
+        into the next free rows so that every prompt ends where the shared timeline is."""
+        if not reqs:
+            return
+        lens = [len(r.prompt) for r in reqs]
+        k, n, cache, dev = len(reqs), max(lens), self.cache, self.model.device
+        if max(cache.length, n) + 1 > cache.max_len:  # no slot left after the prompts for their first decode step
             self._compact()
-        small = self.model.new_cache(1, n)
-        h = self.model.hidden_states(torch.tensor([req.prompt], device=self.model.device), cache=small)[:, -1]
-        row, end = len(self.running), max(cache.length, n)  # the prompt fills slots [end - n, end) of its row
+        ids = torch.zeros(k, n, dtype=torch.long, device=dev)
+        mask = torch.zeros(k, n, dtype=torch.bool, device=dev)
+        for i, r in enumerate(reqs):
+            ids[i, n - lens[i]:] = torch.tensor(r.prompt, device=dev)
+            mask[i, n - lens[i]:] = True
+        small = self.model.new_cache(k, n)
+        h = self.model.hidden_states(ids, attention_mask=mask, cache=small)[:, -1]  # (k, H)
+        row, end = len(self.running), max(cache.length, n)  # the prompts fill slots [end - n, end) of rows row..
         if end > cache.length:  # the timeline moves on for everyone: the gap is no one's
             cache.key_mask[:, cache.length:end] = False
             cache.length = end
         for layer in range(len(cache.k)):
-            cache.k[layer][row, :, end - n:end] = small.k[layer][0]
-            cache.v[layer][row, :, end - n:end] = small.v[layer][0]
-        cache.key_mask[row] = False
-        cache.key_mask[row, end - n:end] = True
-        req.position = n
-        self.running.append(req)
-        self._emit(row, h @ self.head)
+            cache.k[layer][row:row + k, :, end - n:end] = small.k[layer]
+            cache.v[layer][row:row + k, :, end - n:end] = small.v[layer]
+        cache.key_mask[row:row + k] = False
+        cache.key_mask[row:row + k, end - n:end] = mask
+        for i, r in enumerate(reqs):
+            r.position = lens[i]
+        self.running.extend(reqs)
+        logits = h @ self.head  # (k, vocab)
+        greedy = logits.argmax(dim=-1).tolist()
+        for i in reversed(range(k)):  # reversed: a finished row is refilled from the end
+            self._emit(row + i, logits[i:i + 1], greedy[i])
 
     def _step(self) -> None:
         cache, n = self.cache, len(self.running)
-        if cache.length + 1 > cache.max_len:
+        # attention reads every slot of the timeline: compact once most of it is no one's (or it is full)
+        longest = max(r.position for r in self.running)
+        if cache.length + 1 > cache.max_len or cache.length > 2 * longest + COMPACT_SLACK:
             self._compact()
         tokens = torch.tensor([[r.generated[-1]] for r in self.running], device=self.model.device)
         positions = torch.tensor([[r.position] for r in self.running], device=self.model.device)
@@ -195,19 +236,22 @@ class Engine:
     def _compact(self) -> None:
         """Move each running row's real slots to the right end of [0, M) (M = the longest row), in order,
         freeing the timeline after M."""
-        cache, n = self.cache, len(self.running)
-        owned = [torch.nonzero(cache.key_mask[r]).squeeze(1) for r in range(n)]
-        m = max([len(o) for o in owned] + [0])
-        for r, idx in enumerate(owned):
-            for layer in range(len(cache.k)):
-                cache.k[layer][r, :, m - len(idx):m] = cache.k[layer][r, :, idx].clone()
-                cache.v[layer][r, :, m - len(idx):m] = cache.v[layer][r, :, idx].clone()
-            cache.key_mask[r] = False
-            cache.key_mask[r, m - len(idx):m] = True
+        cache, n, L = self.cache, len(self.running), self.cache.length
+        owned = cache.key_mask[:n, :L]
+        m = int(owned.sum(1).max()) if n else 0
+        # a stable sort puts each row's unowned slots first and its owned ones last, both in timeline order
+        idx = torch.argsort(owned.to(torch.int8), dim=1, stable=True)[:, L - m:]  # (n, m) slots kept
+        new_mask = owned.gather(1, idx)
+        for kv in (cache.k, cache.v):
+            for t in kv:
+                gather = idx[:, None, :, None].expand(n, t.shape[1], m, t.shape[3])
+                t[:n, :, :m] = t[:n].gather(2, gather)
+        cache.key_mask[:n] = False
+        cache.key_mask[:n, :m] = new_mask
         cache.length = m
+        self.compactions += 1
         if m + 1 > cache.max_len:
             raise RuntimeError("the KV cache is full")
-
 
 def wait_idle(engine: Engine, timeout: float = 30.0) -> bool:
     """Block until no request is running or waiting (tests)."""
