@@ -23,13 +23,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# make bench: every case of bench/ against its peer in the same run; each writes its section of docs/benchmarks.md
 bench: setup
-	$(BIN)/python bench/train_step.py
-	$(BIN)/python bench/train_step.py --dtype bfloat16
+	$(BIN)/python bench/ceilings.py
+	for p in tiny small llama-50m; do for d in float32 bfloat16; do \
+		$(BIN)/python bench/train_step.py --preset $$p --dtype $$d --batch 8 --seq 256 || exit 1; done; done
+	$(BIN)/python bench/memory.py --preset small
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/decode.py --batch 16
-	for p in tiny small; do for d in float32 bfloat16; do \
-		$(BIN)/python bench/train_step.py --preset $$p --dtype $$d --batch 8 --seq 256 || exit 1; done; done
+	$(BIN)/python bench/moe.py
 	$(BIN)/python bench/tokenizer.py
 	$(BIN)/python bench/serve.py
 

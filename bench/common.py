@@ -53,6 +53,19 @@ def best_time(fn, reps: int) -> float:
     return min(times)
 
 
+def best_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """One untimed round, then `repeats` rounds that call every fn once in turn, so that the machine's slow
+    spells hit every side alike -> ({name: best seconds}, {name: output of its last call})."""
+    best, out = {k: float("inf") for k in fns}, {}
+    for r in range(repeats + 1):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            out[k] = fn()
+            if r:
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return best, out
+
+
 def median(xs) -> float:
     return statistics.median(xs)
 
@@ -71,7 +84,7 @@ def copy_bandwidth_gbs(mbytes: int = 256, reps: int = 5) -> float:
     return 2 * numel * 4 / best_time(lambda: dst.copy_(src), reps) / 1e9
 
 
-def model_pair(preset: str = "llama-50m"):
+def model_pair(preset: str = "llama-50m", **overrides):
     """The same random weights as an lmlab model and as a transformers model (fp32, SDPA attention),
     handed over through lmlab's save_pretrained and transformers' from_pretrained."""
     from transformers import AutoModelForCausalLM
@@ -82,7 +95,7 @@ def model_pair(preset: str = "llama-50m"):
     hf_logging.disable_progress_bar()
 
     torch.manual_seed(0)  # the same weights whatever ran before
-    model = lmlab.build(lmlab.preset(preset))
+    model = lmlab.build(lmlab.preset(preset, **overrides))
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         hf = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)

@@ -13,7 +13,7 @@ def test_matvec_matches_linear():
     assert torch.allclose(matvec(x, w), w @ x, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["qwen2-window", "mixtral"])
+@pytest.mark.parametrize("case", ["qwen2-window", "mixtral", "llama-gqa-untied", "gpt2-inverse-layer-scale", "mistral-window"])
 def test_compiled_decode_matches_eager(case, hf_dirs):
     model = lmlab.load_model(hf_dirs(case))
     prompts = [[5, 17, 33, 8, 61, 9], [40, 3]]

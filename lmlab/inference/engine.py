@@ -3,7 +3,8 @@
 Only the last position's hidden state goes through the LM head. At batch 1 the head is a
 matrix-vector product over the largest matrix in the model, and on CPUs `h @ W.T` through
 F.linear reads the (vocab, H) weight about 2.5x slower than `h @ Wt` with a contiguous (H, vocab)
-copy, so each generate call makes such a copy once.
+copy, so each generate call makes such a copy once; with compile=True at batch 1 a compiled matrix-vector
+product reads the head as stored, faster still (inference/kernels.py).
 """
 from __future__ import annotations
 
@@ -77,10 +78,12 @@ def _stream(model, prompts, params):
     h = model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, H)
     pos = mask.sum(dim=1, keepdim=True)  # (B, 1): position of each row's next token
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    head = _head_t(model)  # (H, vocab)
+    matvec = getattr(model, "compiled_matvec", None) if B == 1 else None  # compiled: reads the head as stored, no copy
+    head = model.lm_head.weight.detach() if matvec is not None else _head_t(model)  # (vocab, H) or (H, vocab)
     for step in range(params.max_new_tokens):
         ctx = context[:, : L + step] if context is not None else None
-        tok = sample(h @ head, params, ctx, gen)  # (B,)
+        logits = matvec(h[0], head)[None] if matvec is not None else h @ head  # (B, vocab)
+        tok = sample(logits, params, ctx, gen)  # (B,)
         out = tok.tolist()
         yield [None if f else t for f, t in zip(finished.tolist(), out)]
         finished |= torch.isin(tok, stop)

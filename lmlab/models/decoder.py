@@ -55,6 +55,7 @@ class Decoder(ModelBase):
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.compiled_step = None  # set by lmlab.inference.kernels: a compiled run_layers for decode steps
+        self.compiled_matvec = None  # and a compiled matrix-vector product (the LM head at batch 1)
         self.reset_parameters()
 
     def tie_weights(self):

@@ -210,6 +210,20 @@ def attention_mask(q_len: int, k_len: int, offset: int, key_mask: torch.Tensor |
     return allowed
 
 
+def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """One query per row: q (B, nh, 1, hd), k/v (B, nkv, S, hd), mask (B|1, 1, 1, S) bool or None -> (B, nh, 1, hd).
+    The query heads of a kv head are grouped as rows of one product (GQA without repeating k/v). Used inside a
+    compiled decode step, where it fuses into a few small loops; SDPA's CPU kernel costs more in setup than in
+    work at this size."""
+    B, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    s = (q.view(B, nkv, nh // nkv, hd) @ k.transpose(-1, -2)).float() * scale  # (B, nkv, g, S)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = s.softmax(-1).to(v.dtype)
+    return (p @ v).view(B, nh, 1, hd)
+
+
 class Attention(nn.Module):
     """Self-attention. causal=False (encoders) lets every token see every other unpadded token."""
 
@@ -234,8 +248,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, visible, hd), masked by `mask`
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
-                                           scale=self.scale, enable_gqa=self.nkv != self.nh)
+        if T == 1 and torch.compiler.is_compiling():  # a compiled decode step: plain math that Inductor fuses
+            y = decode_attention(q, k, v, mask, self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
+                                               scale=self.scale, enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
