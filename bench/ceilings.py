@@ -26,8 +26,11 @@ def main() -> None:
     table = common.md_table(["ceiling", "measured"], rows)
     print(table)
     info = common.machine_info()
-    body = "\n\n".join(["## Machine ceilings", f"`python bench/ceilings.py`, {args.threads} threads. {__doc__.split(chr(10) + chr(10))[0]}",
-                        table, common.machine_line(info)])
+    body = "\n\n".join(["## Machine ceilings",
+                        f"`python bench/ceilings.py`, {args.threads} threads: peak matmul FLOP/s (best of 5 square GEMMs "
+                        "of 2048 and 4096) and memory copy bandwidth (256 MB fp32 `dst.copy_(src)`, bytes read + "
+                        "written per second), what the other tables' MFU and bandwidth shares are relative to (each "
+                        "benchmark also measures its own, in the same run).", table, common.machine_line(info)])
     common.publish("ceilings", {"machine": info, "matmul_peak_gflops": peaks, "copy_bandwidth_gbs": bw}, body,
                    docs=not args.no_docs)
 

@@ -296,7 +296,7 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     dtype: str = "float32"  # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
-    compile: bool = False
+    compile: bool = False  # torch.compile the model and the loss as one graph
     max_minutes: float = 0.0  # time budget; 0 = none
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)
 

@@ -209,7 +209,9 @@ def train(model, loss_fn: Callable, loader, cfg: TrainConfig, out_dir, *, eval_f
         state = load_checkpoint(ckpt, model, opt, loader)
         print(f"[{desc}] resumed from {ckpt} (step {state['step']})")
     metrics = Metrics(out_dir, state["step"] if ckpt is not None else None)
-    step_model = torch.compile(wrapped) if cfg.compile else wrapped
+    step_model = wrapped
+    if cfg.compile:  # the model and its loss as one graph: the logits' cast and the cross-entropy fuse in too
+        loss_fn = torch.compile(loss_fn)
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
     tokens_per_step = cfg.batch_size * cfg.seq_len
     peak = dist.peak_flops(cfg.dtype)
