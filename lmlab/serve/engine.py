@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from lmlab.inference.engine import lm_head
 from lmlab.inference.sampling import SamplingParams, sample
 from lmlab.models.layers import KVCache
 
@@ -62,7 +63,7 @@ class Engine:
         self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.cache = model.new_cache(max_batch, self.max_len)
         self.cache.has_padding = True
-        self.head = model.lm_head.weight.detach().t().contiguous()  # (H, vocab), see inference/engine.py
+        self.head = lm_head(model)  # (n, H) -> (n, vocab), the weight prepared once (inference/engine.py)
         self.running: list[Request] = []  # row i of the cache belongs to running[i]
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.wake = threading.Event()
@@ -173,7 +174,7 @@ class Engine:
         for i, r in enumerate(reqs):
             r.position = lens[i]
         self.running.extend(reqs)
-        logits = h @ self.head  # (k, vocab)
+        logits = self.head(h)  # (k, vocab)
         greedy = logits.argmax(dim=-1).tolist()
         for i in reversed(range(k)):  # reversed: a finished row is refilled from the end
             self._emit(row + i, logits[i:i + 1], greedy[i])
@@ -194,7 +195,7 @@ class Engine:
         self.steps += 1
         for r in self.running:
             r.position += 1
-        logits = h @ self.head  # (n, vocab): one product for the batch
+        logits = self.head(h)  # (n, vocab): one product for the batch
         greedy = logits.argmax(dim=-1).tolist()
         for row in reversed(range(n)):  # reversed: a finished row is refilled from the end
             self._emit(row, logits[row: row + 1], greedy[row])
