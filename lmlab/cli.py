@@ -35,6 +35,8 @@ def _generate(args) -> int:
 
 
 def _chat(args) -> int:
+    import signal
+
     import torch
 
     import lmlab
@@ -43,6 +45,9 @@ def _chat(args) -> int:
     model = lmlab.load_model(args.model, dtype=getattr(torch, args.dtype))
     check_chat_model(model)  # before the tokenizer: an encoder directory may not have a chat-capable one
     tok = lmlab.load_tokenizer(args.model)
+    # Ctrl-C must reach the chat even when whoever started it ignores SIGINT (a job started in the background by a
+    # shell or under nohup inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return chat_loop(model, tok, system=args.system, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, name=args.model)
 

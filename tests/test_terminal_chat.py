@@ -67,13 +67,7 @@ def expected(model_dir, messages):
 
 def quit_(child, how="/quit"):
     if how == "ctrl-c":
-        # A SIGINT that lands after the prompt is written but before Python's readline waits in select() is only
-        # noticed at the next signal (a CPython readline race, seen once on a loaded CI machine); press again,
-        # as a person would, until the process is gone.
-        for _ in range(5):
-            child.sendintr()
-            if child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=10) == 0:
-                break
+        child.sendintr()
     else:
         child.sendline(how)
     child.expect(pexpect.EOF)
