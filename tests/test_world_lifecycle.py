@@ -71,13 +71,12 @@ def test_reward_model_ranks_held_out_pairs(chain):
     rm, tok = lmlab.load_model(rm_dir), lmlab.load_tokenizer(rm_dir)
     _, val = split_rankings(load_rankings("world"), 0.1, seed=0)
     world = make_world()
-    known = [(r["prompt"], name, attr, person) for r in val
+    known = [(r, name, attr, person) for r in val
              for name, attr, person in [world.parse_prompt(r["prompt"])] if person is not None]
-    pairs = [{"prompt": prompt, "responses": [REPLY_PREFIX + answer(name, attr, person.facts()),
-                                              REPLY_PREFIX + IDK.format(name=name)]}
-             for prompt, name, attr, person in known]  # (the right answer, "I don't know")
-    assert len(pairs) >= 100 and all(set(p["responses"]) <= set(r["responses"]) for p, r in
-                                     zip(pairs, [r for r in val if world.parse_prompt(r["prompt"])[2] is not None]))
+    pairs = [{"prompt": r["prompt"], "responses": [REPLY_PREFIX + answer(name, attr, person.facts()),
+                                                   REPLY_PREFIX + IDK.format(name=name)]}
+             for r, name, attr, person in known]  # (the right answer, "I don't know")
+    assert len(pairs) >= 100 and all(set(p["responses"]) <= set(r["responses"]) for p, (r, *_) in zip(pairs, known))
     pairs = [encode_ranking(tok, p) for p in pairs]
     acc = pair_accuracy(rm, pairs, tok.pad_token_id)["pair_acc"]
     assert acc >= 0.6, acc

@@ -15,12 +15,16 @@ from lmlab.inference.kernels import decode_kernels
 from lmlab.inference.sampling import SamplingParams, sample
 
 
-def lm_head(model):
+def lm_head(model, rows: int | None = None):
     """The LM head as a function h (B, H) -> logits (B, vocab), with its weight prepared once (per generate call:
     a copy cached on the model went stale, as fused AdamW updates weights in place without bumping `_version`).
-    On CPU, oneDNN's linear on a oneDNN copy of the weight runs these few-row products 1.1-2x faster than MKL's
+    With rows=1 inside decode_kernels: the compiled matrix-vector product, on the weight as stored. Otherwise on
+    CPU, oneDNN's linear on a oneDNN copy of the weight runs these few-row products 1.1-2x faster than MKL's
     GEMM (`h @ W_t`; F.linear is slower still); elsewhere, a contiguous transposed copy."""
     w = model.lm_head.weight.detach()
+    matvec = getattr(model, "compiled_matvec", None)
+    if rows == 1 and matvec is not None:
+        return lambda h: matvec(h[0], w)[None]
     if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
         w_dnn = w.to_mkldnn()
         return lambda h: torch._C._nn.mkldnn_linear(h.float().contiguous().to_mkldnn(), w_dnn).to_dense()
@@ -84,8 +88,7 @@ def _stream(model, prompts, params):
     h = model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, H)
     pos = mask.sum(dim=1, keepdim=True)  # (B, 1): position of each row's next token
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    matvec = getattr(model, "compiled_matvec", None) if B == 1 else None  # compiled: reads the head as stored
-    head = (lambda h: matvec(h[0], model.lm_head.weight.detach())[None]) if matvec is not None else lm_head(model)
+    head = lm_head(model, B)
     for step in range(params.max_new_tokens):
         ctx = context[:, : L + step] if context is not None else None
         logits = head(h)  # (B, vocab)

@@ -5,9 +5,10 @@ on, the BLAS path behind F.linear reads weights at ~10 GB/s for that shape, whil
 multiply-and-sum compiled by TorchInductor (a vectorised, threaded reduction) reads ~25 GB/s,
 close to the memory bandwidth. `decode_kernels(model)` routes single-row nn.Linear calls through
 that reduction and compiles the model's layers for decode steps (the KV cache has static shapes,
-so one graph serves every step); `model.compiled_matvec` is the same reduction for the LM head at batch 1
-(~30 GB/s on the (vocab, H) weight as stored, against ~21 GB/s for `h @ W_t`). The first use compiles (~20-60 s; TorchInductor caches the code
-on disk for later processes); later calls reuse the compiled step of the same model.
+so one graph serves every step); `model.compiled_matvec` is the same reduction for the LM head at
+batch 1 (~30 GB/s on the (vocab, H) weight as stored, against ~21 GB/s for `h @ W_t`). The first use
+compiles (~20-60 s; TorchInductor caches the code on disk for later processes); later calls reuse the
+compiled step of the same model.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from lmlab.inference.engine import lm_head
+from lmlab.inference.engine import lm_head, pad_left
 from lmlab.inference.sampling import SamplingParams, sample
 from lmlab.models.layers import KVCache
 
@@ -112,7 +112,7 @@ class Engine:
                     self._step()
             except Exception as e:  # noqa: BLE001 -- never let one bad step kill the server
                 for req in self.running:
-                    req.on_token(None, f"error: {type(e).__name__}: {e}")
+                    _fail(req, e)
                 self.running = []
                 self.cache.length = 0
 
@@ -121,28 +121,27 @@ class Engine:
         """Move waiting requests into free rows, prefilling them together in groups of at most PREFILL_TOKENS
         (padded) tokens; a group that fails is retried one request at a time, so only the bad one fails."""
         while len(self.running) < self.max_batch and not self.waiting.empty():
-            group = []
+            group, width = [], 0  # width: the group's longest prompt
             while len(self.running) + len(group) < self.max_batch and not self.waiting.empty():
                 req = self.waiting.queue[0]  # peek: taken only if it fits the group
-                if group and (len(group) + 1) * max(len(req.prompt), *(len(r.prompt) for r in group)) \
-                        > PREFILL_TOKENS:
+                if group and (len(group) + 1) * max(width, len(req.prompt)) > PREFILL_TOKENS:
                     break
+                self.waiting.get_nowait()
                 if not req.cancelled:
                     group.append(req)
+                    width = max(width, len(req.prompt))
                     self.admitting += 1
-                self.waiting.get_nowait()
             try:
                 self._prefill(group)
             except Exception as e:  # noqa: BLE001 -- retry alone: the bad request fails, the others go on
-                for req in group:
-                    if any(r is req for r in self.running):
-                        continue
+                if len(group) == 1:
+                    _fail(group[0], e)
+                    continue
+                for req in [r for r in group if not any(r is x for x in self.running)]:
                     try:
-                        if len(group) == 1:
-                            raise e
                         self._prefill([req])
                     except Exception as e1:  # noqa: BLE001
-                        req.on_token(None, f"error: {type(e1).__name__}: {e1}")
+                        _fail(req, e1)
             finally:
                 self.admitting = 0
 
@@ -151,15 +150,10 @@ class Engine:
         into the next free rows so that every prompt ends where the shared timeline is."""
         if not reqs:
             return
-        lens = [len(r.prompt) for r in reqs]
-        k, n, cache, dev = len(reqs), max(lens), self.cache, self.model.device
+        ids, mask = (t.to(self.model.device) for t in pad_left([r.prompt for r in reqs]))  # (k, n) each
+        (k, n), cache = ids.shape, self.cache
         if max(cache.length, n) + 1 > cache.max_len:  # no slot left after the prompts for their first decode step
             self._compact()
-        ids = torch.zeros(k, n, dtype=torch.long, device=dev)
-        mask = torch.zeros(k, n, dtype=torch.bool, device=dev)
-        for i, r in enumerate(reqs):
-            ids[i, n - lens[i]:] = torch.tensor(r.prompt, device=dev)
-            mask[i, n - lens[i]:] = True
         small = self.model.new_cache(k, n)
         h = self.model.hidden_states(ids, attention_mask=mask, cache=small)[:, -1]  # (k, H)
         row, end = len(self.running), max(cache.length, n)  # the prompts fill slots [end - n, end) of rows row..
@@ -170,9 +164,9 @@ class Engine:
             cache.k[layer][row:row + k, :, end - n:end] = small.k[layer]
             cache.v[layer][row:row + k, :, end - n:end] = small.v[layer]
         cache.key_mask[row:row + k] = False
-        cache.key_mask[row:row + k, end - n:end] = mask
-        for i, r in enumerate(reqs):
-            r.position = lens[i]
+        cache.key_mask[row:row + k, end - n:end] = mask.bool()
+        for r in reqs:
+            r.position = len(r.prompt)
         self.running.extend(reqs)
         logits = self.head(h)  # (k, vocab)
         greedy = logits.argmax(dim=-1).tolist()
@@ -253,6 +247,10 @@ class Engine:
         self.compactions += 1
         if m + 1 > cache.max_len:
             raise RuntimeError("the KV cache is full")
+
+def _fail(req: Request, e: Exception) -> None:
+    req.on_token(None, f"error: {type(e).__name__}: {e}")
+
 
 def wait_idle(engine: Engine, timeout: float = 30.0) -> bool:
     """Block until no request is running or waiting (tests)."""
