@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench clean
+.PHONY: setup test speedrun bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# make speedrun: setup if needed, then the whole lifecycle on the built-in world (SPEEDRUN_ARGS: e.g. --resume)
+speedrun: setup
+	$(BIN)/lmlab speedrun --out runs/speedrun $(SPEEDRUN_ARGS)
 
 # make bench: every case of bench/ against its peer in the same run; each writes its section of docs/benchmarks.md
 bench: setup

@@ -250,11 +250,35 @@ def _export(args) -> int:
     return 0
 
 
+def _speedrun(args) -> int:
+    from lmlab.speedrun import speedrun
+
+    report = speedrun(args.out, args.preset, args.data, args.families, args.resume, args.set, args.seed)
+    return 0 if all(c["ok"] for c in report["checks"].values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmlab", description="Build, train, align and serve language models.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    sr = sub.add_parser("speedrun", help="the main job: the whole lifecycle on the built-in world, then a report card",
+                        description="tokenizer -> pre-training -> SFT -> reward model -> DPO and PPO -> evaluation -> "
+                        "GGUF export -> report.md. Exit status 1 if a stage did not improve its own metric.",
+                        formatter_class=fmt)
+    sr.add_argument("--out", default="runs/speedrun", help="run directory (one folder per stage, report.md)")
+    sr.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "ci"],
+                    help="cpu: the tiny model in ~12 min on 2 cores; gpu: the small model, longer; ci: reduced")
+    sr.add_argument("--data", default="world", help="world, or a folder with pretrain.jsonl, sft.jsonl and "
+                    "preferences.jsonl (as `lmlab data world --out DIR` writes)")
+    sr.add_argument("--families", default="decoder", choices=["decoder", "all"],
+                    help="all: also pre-train and fine-tune a BERT (sentiment) and a T5 (extractive QA)")
+    sr.add_argument("--resume", action="store_true", help="continue an interrupted run: finished stages are kept")
+    sr.add_argument("--seed", type=int, default=0, help="world and training seed")
+    sr.add_argument("--set", nargs="*", default=[], metavar="STAGE.KEY=VALUE",
+                    help="override a stage's config, e.g. pretrain.train.max_steps=100 reward.train.lr=3e-4")
+    sr.set_defaults(func=_speedrun)
 
     g = sub.add_parser("generate", help="continue a prompt with a model directory", formatter_class=fmt)
     g.add_argument("--model", required=True, help="model directory (Hugging Face layout)")

@@ -308,3 +308,16 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
             gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else np.asarray(t.data)
         tensors[t.name] = np.asarray(data, dtype=np.float32).reshape(shape)
     return meta, tensors
+
+
+def llamacpp_chat(path, questions: list[str], max_tokens: int = 64, n_threads: int | None = None) -> list[str]:
+    """Ask llama.cpp (llama-cpp-python, an optional dependency) each question as a one-turn chat with the GGUF
+    file's own chat template, greedy -> the replies. How `lmlab speedrun` checks the file it exported."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, verbose=False, n_threads=n_threads or min(4, os.cpu_count() or 1))
+    out = []
+    for q in questions:
+        reply = llm.create_chat_completion([{"role": "user", "content": q}], temperature=0.0, max_tokens=max_tokens)
+        out.append(reply["choices"][0]["message"]["content"] or "")
+    return out
