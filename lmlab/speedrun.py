@@ -1,6 +1,6 @@
 """The main job: the whole lifecycle on the built-in world in one command, then a report card.
 
-    lmlab speedrun                                  # --preset cpu: ~12 minutes on a 2-core laptop CPU
+    lmlab speedrun                                  # --preset cpu: ~13 minutes on a 2-core laptop CPU
     lmlab speedrun --preset ci --out /tmp/sr        # the reduced run CI does end to end
     lmlab speedrun --resume                         # after an interruption: finished stages are kept
     lmlab speedrun --families all                   # also a BERT and a T5 on the world's tasks
@@ -337,9 +337,11 @@ def speedrun(out="runs/speedrun", preset_name: str = "cpu", data: str = "world",
             raise ConfigError(f"{out} already holds a speedrun (report.json): pass --resume to continue it, or "
                               f"choose another --out")
         run.report = json.loads(path.read_text())
-        if run.report.get("preset") != preset_name or run.report.get("data") != data:
-            raise ConfigError(f"{path}: made with --preset {run.report.get('preset')} --data {run.report.get('data')}"
-                              f"; resume it with the same options")
+        made = {k: run.report.get(k) for k in ("preset", "data", "seed")}
+        if made != {"preset": preset_name, "data": data, "seed": seed}:
+            raise ConfigError(f"{path}: made with --preset {made['preset']} --data {made['data']} --seed "
+                              f"{made['seed']}; resume it with the same options")
+        run.report["families"] = families  # --families all may add the encoder stages to a finished run
     elif out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"{out} is not empty: pass --resume to continue an interrupted speedrun, or choose "
                           f"another --out")

@@ -199,11 +199,12 @@ def test_the_sft_model_runs_in_llamacpp_token_for_token(run, tmp_path):
 def test_speedrun_refuses_to_overwrite_or_bad_options(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "report.json").write_text(json.dumps({"preset": "ci", "data": "world", "stages": {}}))
+    (out / "report.json").write_text(json.dumps({"preset": "ci", "data": "world", "seed": 0, "stages": {}}))
     assert main(["speedrun", "--preset", "ci", "--out", str(out)]) == 2
     assert "already holds a speedrun" in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "cpu", "--out", str(out), "--resume"]) == 2
-    assert "resume it with the same options" in capsys.readouterr().err
+    for other in (["--preset", "cpu"], ["--preset", "ci", "--seed", "1"]):
+        assert main(["speedrun", *other, "--out", str(out), "--resume"]) == 2
+        assert "resume it with the same options" in capsys.readouterr().err
     assert main(["speedrun", "--out", str(tmp_path / "x"), "--set", "train.max_steps=5"]) == 2
     assert "STAGE.section.key=value" in capsys.readouterr().err
     assert main(["speedrun", "--out", str(tmp_path / "y"), "--data", str(tmp_path / "nope")]) == 2
