@@ -144,8 +144,14 @@ def stage_pretrain(run: Speedrun) -> dict:
     tokens = run.result("tokenizer")
     out = {k: rep[k] for k in ("val_loss", "val_bpb", "train_loss", "steps", "params")}
     out["uniform_bpb"] = math.log2(tokens["vocab_size"]) / tokens["bytes_per_token"]  # a uniform guess per token
-    if run.world:  # the base model's answers, what SFT is measured against
-        out |= {f"base_{k}": v for k, v in _world_scores(run, run.stage_dir("pretrain") / "final").items()}
+    if run.world:  # the base model's answers (the scoring every later stage ends with), what SFT is measured against
+        import lmlab
+        from lmlab.train.posttrain import world_eval
+
+        final = run.stage_dir("pretrain") / "final"
+        scores = world_eval(lmlab.load_model(final), lmlab.load_tokenizer(final), rc)
+        out |= {f"base_{k}": scores[k] for k in ("qa_acc_seen", "qa_acc_heldout", "idk_rate", "invented_rate",
+                                                  "gold_reward")}
     return out
 
 
@@ -234,18 +240,6 @@ def _ask_llamacpp(run: Speedrun, model_dir: Path, gguf: Path, n: int = 4) -> dic
     right = [world.check_answer(r, a) for r, a in zip(asked, theirs)]
     return {"gguf_checked": True, "gguf_asked": len(asked), "gguf_acc": sum(right) / len(asked),
             "gguf_question": asked[0]["question"], "gguf_answer": theirs[0]}
-
-
-def _world_scores(run: Speedrun, model_dir) -> dict:
-    import lmlab
-    from lmlab.data.world import make_world
-    from lmlab.eval.world import world_qa
-
-    model, tok = lmlab.load_model(model_dir), lmlab.load_tokenizer(model_dir)
-    limit = PRESETS[run.preset]["eval_limit"] or None
-    keys = ("qa_acc_seen", "qa_acc_heldout", "idk_rate", "invented_rate", "gold_reward")
-    scores = world_qa(model, tok, make_world(seed=run.seed), limit=limit)
-    return {k: scores[k] for k in keys}
 
 
 def _encoder_family(run: Speedrun, stage: str, family: str, task: str) -> dict:
