@@ -17,7 +17,7 @@ from lmlab.data.world import make_world
 from lmlab.models.heads import ScalarHead
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.dpo import dpo_loss
-from lmlab.train.posttrain import IGNORE, ListLoader
+from lmlab.train.posttrain import IGNORE, ListLoader, token_logprobs
 from lmlab.train.reward import bradley_terry_loss
 
 WORLD = {"seed": 3, "n_people": 20}
@@ -156,6 +156,33 @@ def test_reward_model_matches_transformers_classifier(preset, tmp_path, tok):
 
 
 # -------------------------------------------------------------------------------------------------- DPO
+def test_length_grouped_forward_equals_one_padded_forward(base_dir, tok):
+    """Rewards and DPO's summed log-probs, computed in groups of similar length (posttrain.by_length), are
+    the values of one padded forward, each in its own row's place, gradients included."""
+    from lmlab.data.prefs import encode_ranking
+    from lmlab.train.dpo import sequence_logprobs
+    from lmlab.train.reward import collate_rankings, pair_rewards
+
+    rankings = [encode_ranking(tok, r) for r in load_rankings("world", 3, 20)[:6]]
+    ids, mask, better, worse, margins = collate_rankings(tok.pad_token_id)(rankings)
+    assert len(set(mask.sum(1).tolist())) > 4  # rows of many lengths
+    torch.manual_seed(0)
+    rm = ScalarHead(lmlab.load_model(base_dir))
+    r_c, r_r = pair_rewards(rm, (ids, mask, better, worse, margins))
+    whole = rm.reward(ids, mask)
+    torch.testing.assert_close(torch.stack([r_c, r_r]), torch.stack([whole[better], whole[worse]]), rtol=0, atol=1e-5)
+    (g_grouped,) = torch.autograd.grad((r_c - r_r).sum(), rm.score.weight)
+    (g_whole,) = torch.autograd.grad((whole[better] - whole[worse]).sum(), rm.score.weight)
+    torch.testing.assert_close(g_grouped, g_whole, rtol=1e-4, atol=1e-5)
+
+    lm = lmlab.load_model(base_dir)
+    resp = mask.clone()[:, 1:].float()
+    resp[:, :10] = 0  # the "response" starts at token 11 of each row and ends with the row
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logprobs(lm, ids, resp), (token_logprobs(lm, ids) * resp).sum(-1),
+                                   rtol=0, atol=1e-4)
+
+
 def test_dpo_and_ipo_losses_by_hand():
     pc, pr, rc, rr = (torch.tensor([v]) for v in (-4.0, -6.0, -5.0, -5.0))
     # h = beta * ((pc - rc) - (pr - rr)) = 0.1 * (1 - (-1)) = 0.2; loss = -log sigmoid(0.2) = 0.598139
@@ -256,8 +283,8 @@ def test_dpo_stage_learns_its_pairs(base_dir, tmp_path, tok):
     assert rows[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as its reference
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     items = [encode_pair(tok, p) for p in pairs]
-    dpo.add_reference_logprobs(lmlab.load_model(base_dir), items, tok.pad_token_id)
-    after = dpo.evaluate(lmlab.load_model(tmp_path / "dpo" / "final"), items, tok.pad_token_id, rc.dpo)
+    after = dpo.evaluate(lmlab.load_model(tmp_path / "dpo" / "final"), lmlab.load_model(base_dir), items,
+                         tok.pad_token_id, rc.dpo)
     # chosen responses gained log-probability relative to rejected ones (observed: loss 0.69 -> 0.49,
     # margin 0.72, 7 of 9 pairs ordered after 20 steps on a random tiny model)
     assert after["val_reward_margin"] > 0.3 and after["val_loss"] < 0.6 and after["val_reward_accuracy"] > 0.6, after

@@ -170,14 +170,18 @@ def test_preferences_are_ranked_by_gold_reward(world):
     rankings = world.preferences()
     per_round = 7 * len(world.sft_people) + world.unknown_questions * len(world.unknown_names)
     assert len(rankings) == world.preference_rounds * per_round
+    rambling = 0
     for r in rankings:
         name, attr, person = world.parse_prompt(r["prompt"])
         scores = [world.gold_reward(r["prompt"], x) for x in r["responses"]]
         assert scores == r["scores"] and all(a > b for a, b in zip(scores, scores[1:], strict=False)), r
-        assert len(r["responses"]) == (5 if person else 4), r  # no candidate lost to a tie
+        # no candidate lost to a tie: right, ["I don't know",] wrong [+ the rambling right and wrong]
+        assert len(r["responses"]) in ((3, 5) if person else (2, 4)), r
+        rambling += len(r["responses"]) > 3 or not person and len(r["responses"]) == 4
         gold = W.answer(name, attr, person.facts()) if person else W.IDK.format(name=name)
         assert r["responses"][0] == W.REPLY_PREFIX + gold
         assert gold_reward(r["prompt"], r["responses"][0], world=world) == scores[0]
+    assert abs(rambling / len(rankings) - world.ramble_fraction) < 0.05, rambling / len(rankings)
     pairs = world.preference_pairs()
     assert len(pairs) == sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in rankings)
     assert all(p["score_chosen"] > p["score_rejected"] and p["chosen"] != p["rejected"] for p in pairs)

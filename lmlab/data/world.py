@@ -184,7 +184,8 @@ class World:
     n_reviews: int = 600
     sft_phrasings: int = 2  # question phrasings per (SFT person, attribute); also QA docs per person in pre-training
     unknown_questions: int = 4  # questions per unknown name
-    preference_rounds: int = 3  # rankings per (SFT person, attribute); unknown names: new ones each round
+    preference_rounds: int = 10  # rankings per (SFT person, attribute); unknown names: new ones each round
+    ramble_fraction: float = 0.4  # the share of rankings that also hold rambling versions of their answers
     extractive_per_person: int = 2
     _by_name: dict = field(init=False, repr=False)
 
@@ -347,7 +348,10 @@ class World:
         """Responses to rank: the gold one, a wrong one (an invention for unknown people, another person's
         value for known ones), "I don't know" for known people, and a rambling/repeating version of both the
         gold and the wrong answer, so that style and correctness vary independently: a ranking where only the
-        right answer rambles teaches a reward model to pay for rambling whenever it cannot check the fact."""
+        right answer rambles teaches a reward model to pay for rambling whenever it cannot check the fact.
+        Only `ramble_fraction` of the rankings hold the rambling versions: a reward model learns style from a
+        few, and checking a stated fact from many short ones (a 4.5M model on this CPU: 0.74 -> 0.92 held-out
+        right > wrong accuracy in the same minutes, docs/posttraining.md)."""
         donor = rng.choice([q for q in self.people if person is None or q is not person and (
             attr == "bio" or q.value(attr) != person.value(attr))])
         gold = answer(name, attr, person.facts()) if person else IDK.format(name=name)
@@ -358,10 +362,12 @@ class World:
             swap = rng.choice([a for a in ATTRIBUTES if donor.value(a) != person.value(a)]) if attr == "bio" else attr
             facts[swap] = donor.value(swap)
             wrong = answer(name, attr, facts)
+        idk = [] if person is None else [IDK.format(name=name)]
+        if rng.random() >= self.ramble_fraction:
+            return [gold, *idk, wrong]
         style = rng.random() < 0.5  # one rambling style per ranking: the two rambling answers differ only in fact
         opener, closer = rng.choice(RAMBLE_OPEN), rng.choice(RAMBLE_CLOSE)
         ramble = (lambda r: f"{opener} {r} {closer}") if style else (lambda r: " ".join([r] * 3))  # noqa: E731
-        idk = [] if person is None else [IDK.format(name=name)]
         return [gold, ramble(gold), *idk, wrong, ramble(wrong)]
 
     def preferences(self) -> list[dict]:

@@ -7,7 +7,8 @@ No reward model and no sampling: with pi the policy and ref a frozen copy of whe
     DPO loss = -log sigmoid(h)         (label_smoothing e: -(1-e) log sigmoid(h) - e log sigmoid(-h))
     IPO loss = (h / beta - 1 / (2 beta))^2, with per-token mean log-probs as in TRL
 where log pi(y) sums the log-probs of the response tokens given the prompt. The reference log-probs are
-computed once before training. beta * (log pi - log ref) is each response's implicit reward: its mean
+computed with the policy's, batch by batch (one no-grad forward of the frozen copy): a run reads only the
+pairs its steps draw (100 steps of 8 = 800 of the built-in world's ~11k), so nothing is precomputed. beta * (log pi - log ref) is each response's implicit reward: its mean
 on chosen and rejected, their margin and how often chosen wins are logged.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lmlab.train import dist
 from lmlab.train.loop import train
 from lmlab.train.posttrain import (
     ListLoader,
+    by_length,
     checkpoint_io,
     finish,
     frozen_copy,
@@ -55,48 +57,41 @@ def dpo_loss(pc, pr, rc, rr, cfg: DPOConfig, n_chosen=None, n_rejected=None):
 
 def collate(pad_id: int):
     """[item] -> ids (2B, L) chosen rows then rejected rows, response-token mask (2B, L - 1) aligned with
-    token_logprobs, reference log-probs (2B,)."""
+    token_logprobs."""
     def fn(items):
         seqs = [it["chosen"][0] for it in items] + [it["rejected"][0] for it in items]
         masks = [it["chosen"][1] for it in items] + [it["rejected"][1] for it in items]
         ids = pad_right(seqs, pad_id)
         mask = pad_right(masks, 0)[:, 1:].float()
-        ref = torch.tensor([it.get("ref_chosen", 0.0) for it in items] + [it.get("ref_rejected", 0.0) for it in items])
-        return ids, mask, ref
+        return ids, mask
     return fn
 
 
 def sequence_logprobs(model, ids, mask) -> torch.Tensor:
-    """(2B,) summed log-probs of the response tokens."""
-    return (token_logprobs(model, ids.to(model.device)) * mask.to(model.device)).sum(-1)
+    """(2B,) summed log-probs of the response tokens; rows grouped by length (posttrain.by_length), each cut
+    after its last response token (mask[:, t] marks the target ids[:, t + 1])."""
+    ends = (mask * torch.arange(mask.shape[1])).argmax(1) + 2  # (2B,) tokens up to the last response token
+    return by_length(lambda idx, n: (token_logprobs(model, ids[idx, :n].to(model.device))
+                                     * mask[idx, : n - 1].to(model.device)).sum(-1), ends)
 
 
-@torch.no_grad()
-def add_reference_logprobs(ref, items, pad_id: int, batch_size: int = 16) -> None:
-    fn = collate(pad_id)
-    for i in range(0, len(items), batch_size):
-        chunk = items[i: i + batch_size]
-        ids, mask, _ = fn(chunk)
-        lp = sequence_logprobs(ref, ids, mask).tolist()
-        for it, c, r in zip(chunk, lp[: len(chunk)], lp[len(chunk):]):
-            it["ref_chosen"], it["ref_rejected"] = c, r
-
-
-def make_loss(model, cfg: DPOConfig):
+def make_loss(ref, cfg: DPOConfig):
+    """The loop's loss function; `ref` is the frozen reference model."""
     def loss_fn(step_model, batch):
-        ids, mask, ref = batch
+        ids, mask = batch
         lp = sequence_logprobs(step_model, ids, mask)
+        with torch.no_grad():
+            ref_lp = sequence_logprobs(ref, ids, mask).to(lp.device)
         n = mask.sum(-1).clamp(min=1).to(lp.device)
-        ref = ref.to(lp.device)
-        (pc, pr), (rc, rr), (nc, nr) = lp.chunk(2), ref.chunk(2), n.chunk(2)
+        (pc, pr), (rc, rr), (nc, nr) = lp.chunk(2), ref_lp.chunk(2), n.chunk(2)
         return dpo_loss(pc, pr, rc, rr, cfg, nc, nr)
     return loss_fn
 
 
 @torch.no_grad()
-def evaluate(model, items, pad_id: int, cfg: DPOConfig, batch_size: int = 16) -> dict:
-    """Loss and implicit-reward accuracy/margin on held-out pairs."""
-    fn, loss_fn, sums, n = collate(pad_id), make_loss(model, cfg), {}, 0
+def evaluate(model, ref, items, pad_id: int, cfg: DPOConfig, batch_size: int = 16) -> dict:
+    """Loss and implicit-reward accuracy/margin on held-out pairs, against the reference model `ref`."""
+    fn, loss_fn, sums, n = collate(pad_id), make_loss(ref, cfg), {}, 0
     for i in range(0, len(items), batch_size):
         chunk = items[i: i + batch_size]
         loss, m = loss_fn(model, fn(chunk))
@@ -122,13 +117,12 @@ def run(rc: RunConfig, model_dir, out_dir, ref_dir=None, resume: bool = False, s
         rc.save_yaml(out / "config.yaml")
     pad = pad_id(tok)
     train_items, val_items = preference_data(rc, tok)
-    add_reference_logprobs(ref, train_items + val_items, pad)
     print(f"[dpo] {len(train_items)} training pairs, {len(val_items)} validation pairs; beta {rc.dpo.beta}, "
           f"{rc.dpo.loss} loss")
     loader = ListLoader(train_items, micro, collate(pad), t.seed, dist.rank(), dist.world_size())
     save_model, load_model = checkpoint_io(model, lora=rc.lora.r > 0)
-    summary = train(model, make_loss(model, rc.dpo), loader, t, out,
-                    eval_fn=(lambda m: evaluate(m, val_items, pad, rc.dpo)) if val_items else None,
+    summary = train(model, make_loss(ref, rc.dpo), loader, t, out,
+                    eval_fn=(lambda m: evaluate(m, ref, val_items, pad, rc.dpo)) if val_items else None,
                     save_model=save_model, load_model=load_model, tokenizer=tok, resume=resume, stop_at=stop_at,
                     desc="dpo")
     if summary["stopped"] != "completed":

@@ -64,6 +64,16 @@ def token_logprobs(model, ids: torch.Tensor, attention_mask: torch.Tensor | None
                             reduction="none").view(B, T - 1)
 
 
+def by_length(fn, lengths: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    """(N,) values of N right-padded rows, computed `rows` rows at a time in order of length: fn(index (n,),
+    length) -> (n,) for those rows cut to `length` (their longest). A batch of preference data mixes 25- and
+    120-token responses, and one padded forward spends most of its time on padding (2x slower on a CPU).
+    The same values as one forward, up to rounding."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = torch.cat([fn(idx, int(lengths[idx[0]])) for idx in order.split(rows)])
+    return out[torch.argsort(order).to(out.device)]
+
+
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> torch.Tensor:
     """Lists of ids -> (B, length or the longest) LongTensor, padded on the right."""
     length = length or max(len(s) for s in seqs)

@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from lmlab.config import ConfigError, RunConfig
 from lmlab.train import dist
 from lmlab.train.loop import train
-from lmlab.train.posttrain import ListLoader, checkpoint_io, finish, pad_id, pad_right
+from lmlab.train.posttrain import ListLoader, by_length, checkpoint_io, finish, pad_id, pad_right
 
-DEFAULTS = {"train": {"max_steps": 150, "batch_size": 8, "lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.0,
-                      "eval_every": 50, "save_every": 0},
+# Calibrated on the built-in world (docs/posttraining.md): checking a stated fact is learned slowly, so lr 3e-4
+# and 600 steps (~4 min on 2 CPU cores); held-out accuracy was still rising at 150 and 300 steps.
+DEFAULTS = {"train": {"max_steps": 600, "batch_size": 8, "lr": 3e-4, "warmup_steps": 10, "weight_decay": 0.0,
+                      "eval_every": 200, "save_every": 0},
             "data": {"val_fraction": 0.1}}
 
 
@@ -55,7 +57,8 @@ def collate_rankings(pad_id: int):
 def pair_rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards of the better responses (P,), rewards of the worse ones (P,))."""
     ids, mask, better, worse, _ = batch
-    r = model.reward(ids.to(model.device), mask.to(model.device))  # (N,)
+    r = by_length(lambda idx, n: model.reward(ids[idx, :n].to(model.device), mask[idx, :n].to(model.device)),
+                  mask.sum(1))  # (N,)
     return r[better.to(r.device)], r[worse.to(r.device)]
 
 
