@@ -149,6 +149,16 @@ def test_rollout_logprobs_and_scores(dirs):
     assert extras["approx_kl"] < 1e-10 and extras["clipfrac"] == 0
     assert set(extras) >= {"pg_loss", "vf_loss", "entropy", "score", "kl", "kl_coef", "response_len", "gold_reward"}
     json.dumps(loader.state_dict())  # the loop stores it as JSON
+    # The reward model gets each text rendered with the chat template, as the reward stage trained it: that must
+    # give back the policy's own tokens. A reply starts with a space (" Ada", as in SFT data); a stripped text
+    # would be rendered "\nAda": other tokens, which no reward model was trained on.
+    from lmlab.chat import encode_chat
+    from lmlab.data.prefs import chat_of
+    prompt = "Where was Ada Brennan born?"
+    prompt_ids = encode_chat(tok, chat_of(prompt), add_generation_prompt=True)[0]
+    reply = tok.encode(" Ada Brennan was born in Paris.", add_special_tokens=False) + [tok.token_to_id("<|im_end|>")]
+    rendered = encode_chat(tok, chat_of(prompt, loader.text(reply)))[0]
+    assert rendered[: len(prompt_ids) + len(reply)] == prompt_ids + reply
 
 
 @pytest.fixture(scope="module")

@@ -210,7 +210,9 @@ class RolloutLoader:
         return picked[self.rank * share: (self.rank + 1) * share]
 
     def _sample(self, picked: list[int]) -> tuple[list[list[int]], list[str]]:
-        """Responses of the current policy (eval mode; ids end at their stop token) and their texts."""
+        """Responses of the current policy (eval mode; ids end at their stop token) and their texts. A text keeps
+        its leading space: the reward model re-renders it with the chat template, and "\nAda" is other tokens
+        than "\n Ada", which the reward stage trained on (the SFT replies start with a space)."""
         from lmlab.inference import SamplingParams, generate_ids
 
         cfg = self.cfg
@@ -218,7 +220,10 @@ class RolloutLoader:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                 stop_token_ids=self.stop_ids, seed=seed)
         responses = generate_ids(self.model.policy, [self.encoded[i] for i in picked], params)
-        return responses, [self.tok.decode(r, skip_special_tokens=True).strip() for r in responses]
+        return responses, [self.text(r) for r in responses]
+
+    def text(self, response_ids: list[int]) -> str:
+        return self.tok.decode(response_ids, skip_special_tokens=True).rstrip()
 
     def _per_token(self, samples: list[dict]):
         """-> (policy log-probs, reference log-probs, values) (N, R) at every response token, in micro-batches,
