@@ -350,8 +350,8 @@ class World:
         gold and the wrong answer, so that style and correctness vary independently: a ranking where only the
         right answer rambles teaches a reward model to pay for rambling whenever it cannot check the fact.
         Only `ramble_fraction` of the rankings hold the rambling versions: a reward model learns style from a
-        few, and checking a stated fact from many short ones (a 4.5M model on this CPU: 0.74 -> 0.92 held-out
-        right > wrong accuracy in the same minutes, docs/posttraining.md)."""
+        few, and checking a stated fact from many short ones with many different wrong values (held-out right >
+        wrong accuracy of a 4.5M reward model 0.73 -> 0.92, docs/posttraining.md)."""
         donor = rng.choice([q for q in self.people if person is None or q is not person and (
             attr == "bio" or q.value(attr) != person.value(attr))])
         gold = answer(name, attr, person.facts()) if person else IDK.format(name=name)

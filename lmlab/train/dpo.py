@@ -7,9 +7,10 @@ No reward model and no sampling: with pi the policy and ref a frozen copy of whe
     DPO loss = -log sigmoid(h)         (label_smoothing e: -(1-e) log sigmoid(h) - e log sigmoid(-h))
     IPO loss = (h / beta - 1 / (2 beta))^2, with per-token mean log-probs as in TRL
 where log pi(y) sums the log-probs of the response tokens given the prompt. The reference log-probs are
-computed with the policy's, batch by batch (one no-grad forward of the frozen copy): a run reads only the
-pairs its steps draw (100 steps of 8 = 800 of the built-in world's ~11k), so nothing is precomputed. beta * (log pi - log ref) is each response's implicit reward: its mean
-on chosen and rejected, their margin and how often chosen wins are logged.
+computed with the policy's, batch by batch (a no-grad forward of the frozen copy): a run reads only the
+pairs its steps draw (100 steps of 8 = 800 of the built-in world's ~24k), so nothing is precomputed.
+beta * (log pi - log ref) is each response's implicit reward: its mean on chosen and rejected, their margin
+and how often chosen wins are logged.
 """
 from __future__ import annotations
 
