@@ -371,7 +371,7 @@ class PPOConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_k: int = 0
-    kl_coef: float = 0.05  # per-token penalty beta * (log pi - log pi_ref) in the reward
+    kl_coef: float = 0.1  # per-token penalty beta * (log pi - log pi_ref) in the reward (0.05: unstable, docs)
     adaptive_kl: bool = False  # Ziegler et al.: move kl_coef so the rollout KL tracks target_kl
     target_kl: float = 4.0
     kl_horizon: int = 10000

@@ -136,11 +136,10 @@ def test_dpo_raises_gold_reward_with_bounded_kl(run):
 
 
 def test_ppo_with_the_learned_reward_model_raises_gold_reward(run):
-    """Measured: with the learned reward model (no oracle) PPO raises the gold reward -0.735 (SFT) -> -0.342, KL 13,
-    by answering with text that states nothing (-0.25 and a style penalty beat -1 for a wrong fact): this reward
-    model pays for caution and cannot check facts (see above), so PPO finds replies far from SFT's that it scores
-    high (learned score 3.6 -> 7.2). kl_coef 0.2 keeps the same policy (KL 10.7). The KL bound catches a divergence,
-    not this."""
+    """Measured: with the learned reward model (no oracle) PPO raises the gold reward -0.735 (SFT) -> -0.404, KL 9.8
+    (kl_coef 0.1; 0.05 gave -0.342, KL 13), by answering with text that states nothing (-0.25 and a style penalty
+    beat -1 for a wrong fact): this reward model pays for caution and cannot check facts (see above), so PPO finds
+    replies far from SFT's that it scores high. The KL bound catches a divergence, not this."""
     sft, ppo = run["stages"]["sft"], run["stages"]["ppo"]
     assert ppo["gold_reward"] > sft["gold_reward"] + 0.1, (sft, ppo)
     assert ppo["kl"] < 20
@@ -148,7 +147,8 @@ def test_ppo_with_the_learned_reward_model_raises_gold_reward(run):
 
 def test_ppo_with_the_gold_reward_raises_it_with_bounded_kl(run, tmp_path):
     """PPO itself works: with the world's gold reward as the reward (an oracle), the evaluation's gold reward
-    goes -0.735 (SFT) -> -0.427, KL 6.6 (mostly by answering evasively instead of wrongly: -0.25 beats -1)."""
+    goes -0.735 (SFT) -> -0.392, KL 4.3 with kl_coef 0.1 (mostly by answering evasively instead of wrongly: -0.25
+    beats -1)."""
     from lmlab.config import RunConfig, apply_overrides
     from lmlab.train import ppo
 
