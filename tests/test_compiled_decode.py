@@ -21,14 +21,20 @@ def test_compiled_decode_matches_eager(case, hf_dirs):
     eager_two = lmlab.generate(model, prompts, max_new_tokens=12, stop_token_ids=[])
     assert lmlab.generate(model, prompts[0], max_new_tokens=12, stop_token_ids=[], compile=True) == eager_one
     assert lmlab.generate(model, prompts, max_new_tokens=12, stop_token_ids=[], compile=True) == eager_two
+    # a one-token prompt: the compiled path prefills nothing before its first step (alone, and padded in a batch)
+    for short in ([[61]], [[61], [5, 17, 33]]):
+        assert (lmlab.generate(model, short, max_new_tokens=6, stop_token_ids=[], compile=True)
+                == lmlab.generate(model, short, max_new_tokens=6, stop_token_ids=[]))
     # the logits of a compiled step equal the full forward
     ids = torch.tensor([prompts[0] + eager_one[:5]])
-    with torch.no_grad(), decode_kernels(model):
+    with torch.no_grad(), decode_kernels(model) as step:
         full = model(ids)
-        cache = model.new_cache(1, 16)
+        cache = model.new_cache(1, 11)
         model(ids[:, :6], cache=cache)
-        steps = [model(ids[:, t:t + 1], cache=cache) for t in range(6, 11)]
-    assert (torch.cat(steps, 1) - full[:, 6:]).abs().max() <= 1e-4
+        steps = [step(ids[:, t:t + 1], torch.tensor([[t]]), cache) for t in range(6, 11)]  # each (1, vocab)
+        assert cache.length == 11
+        with pytest.raises(ValueError, match="KV cache holds 11 positions; 12 needed"):
+            step(ids[:, :1], torch.tensor([[11]]), cache)
+    assert (torch.stack(steps, 1) - full[:, 6:]).abs().max() <= 1e-4
     # leaving the context restores the model
-    assert model.compiled_step is None
     assert all("forward" not in vars(m) for m in model.modules() if isinstance(m, nn.Linear))

@@ -1,9 +1,8 @@
 """Generation: one prefill over the (left-padded) prompts, then one token per step from a preallocated KV cache.
 
 Only the last position's hidden state goes through the LM head, the largest matrix in the model, multiplied by
-a few rows. On CPUs F.linear runs that shape slowly; each generate call prepares the head once (`lm_head`: a
-oneDNN copy of the weight), and with compile=True at batch 1 a compiled matrix-vector product reads it as stored
-(inference/kernels.py).
+a few rows; each generate call prepares the head once (`lm_head`, inference/kernels.py). With compile=True the
+decode steps run as one compiled graph (inference/kernels.py).
 """
 from __future__ import annotations
 
@@ -11,25 +10,8 @@ from typing import Iterator
 
 import torch
 
-from lmlab.inference.kernels import decode_kernels
+from lmlab.inference.kernels import decode_kernels, lm_head
 from lmlab.inference.sampling import SamplingParams, sample
-
-
-def lm_head(model, rows: int | None = None):
-    """The LM head as a function h (B, H) -> logits (B, vocab), with its weight prepared once (per generate call:
-    a copy cached on the model went stale, as fused AdamW updates weights in place without bumping `_version`).
-    With rows=1 inside decode_kernels: the compiled matrix-vector product, on the weight as stored. Otherwise on
-    CPU, oneDNN's linear on a oneDNN copy of the weight runs these few-row products 1.1-2x faster than MKL's
-    GEMM (`h @ W_t`; F.linear is slower still); elsewhere, a contiguous transposed copy."""
-    w = model.lm_head.weight.detach()
-    matvec = getattr(model, "compiled_matvec", None)
-    if rows == 1 and matvec is not None:
-        return lambda h: matvec(h[0], w)[None]
-    if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        w_dnn = w.to_mkldnn()
-        return lambda h: torch._C._nn.mkldnn_linear(h.float().contiguous().to_mkldnn(), w_dnn).to_dense()
-    w_t = w.t().contiguous()  # (H, vocab)
-    return lambda h: h @ w_t
 
 
 def pad_left(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,12 +36,12 @@ def stream_ids(model, prompts: list[list[int]], params: SamplingParams,
     compile=True runs decode steps as one compiled graph (see inference/kernels.py): ~2x faster
     at batch 1 on CPU, after a one-time compilation.
     """
-    with decode_kernels(model, enabled=compile):
-        yield from _stream(model, prompts, params)
+    with decode_kernels(model, enabled=compile) as compiled_step:
+        yield from _stream(model, prompts, params, compiled_step)
 
 
 @torch.inference_mode()  # as a decorator it wraps each step of the generator, not the caller's code
-def _stream(model, prompts, params):
+def _stream(model, prompts, params, compiled_step=None):
     cfg = model.config
     vocab = cfg.vocab_size
     for p in prompts:
@@ -83,24 +65,31 @@ def _stream(model, prompts, params):
     if params.repetition_penalty != 1.0:
         context = torch.full((B, total), -1, dtype=torch.long, device=device)
         context[:, :L] = torch.where(mask.bool(), ids, -1)
-    stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
     cache = model.new_cache(B, -(-total // 128) * 128)  # a few distinct sizes: few compiled shapes
-    h = model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, H)
     pos = mask.sum(dim=1, keepdim=True)  # (B, 1): position of each row's next token
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    head = lm_head(model, B)
+    if compiled_step is not None:  # the last prompt token goes through the compiled step: no head to prepare
+        if L > 1:
+            model.hidden_states(ids[:, :-1], attention_mask=mask[:, :-1], cache=cache)
+        logits = compiled_step(ids[:, -1:], pos - 1, cache)
+    else:
+        head = lm_head(model)
+        logits = head(model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1])  # (B, vocab)
+    stop = set(params.stop_token_ids)
+    finished = [False] * B
     for step in range(params.max_new_tokens):
         ctx = context[:, : L + step] if context is not None else None
-        logits = head(h)  # (B, vocab)
         tok = sample(logits, params, ctx, gen)  # (B,)
         out = tok.tolist()
-        yield [None if f else t for f, t in zip(finished.tolist(), out)]
-        finished |= torch.isin(tok, stop)
-        if step == params.max_new_tokens - 1 or bool(finished.all()):
+        yield [None if f else t for f, t in zip(finished, out)]
+        finished = [f or t in stop for f, t in zip(finished, out)]
+        if step == params.max_new_tokens - 1 or all(finished):
             return
         if context is not None:
             context[:, L + step] = tok
-        h = model.hidden_states(tok[:, None], position_ids=pos, cache=cache)[:, -1]
+        if compiled_step is not None:
+            logits = compiled_step(tok[:, None], pos, cache)
+        else:
+            logits = head(model.hidden_states(tok[:, None], position_ids=pos, cache=cache)[:, -1])
         pos = pos + 1
 
 

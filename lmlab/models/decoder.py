@@ -52,10 +52,9 @@ class Decoder(ModelBase):
         self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position == "learned" else None
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.windows = {b.window for b in self.layers}  # one mask per distinct window size, shared by its layers
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.compiled_step = None  # set by lmlab.inference.kernels: a compiled run_layers for decode steps
-        self.compiled_matvec = None  # and a compiled matrix-vector product (the LM head at batch 1)
         self.reset_parameters()
 
     def tie_weights(self):
@@ -97,26 +96,39 @@ class Decoder(ModelBase):
                 position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
         if cache is not None and offset + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {offset + T} needed")
-        x = self.embed(input_ids)  # (B, T, H)
-        if self.pos_embed is not None:
-            if int(position_ids.max()) >= self.config.max_position_embeddings:
-                raise ValueError(f"position {int(position_ids.max())} is beyond max_position_embeddings "
-                                 f"({self.config.max_position_embeddings}) of this learned-position model")
-            x = x + self.pos_embed(position_ids)
-        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        if self.pos_embed is not None and int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(position_ids.max())} is beyond max_position_embeddings "
+                             f"({self.config.max_position_embeddings}) of this learned-position model")
+        x, rope = self.embed_tokens(input_ids, position_ids)
         if cache is None:
-            masks = {w: build_mask(T, T, 0, key_mask, w, x.device) for w in {b.window for b in self.layers}}
+            masks = {w: build_mask(torch.arange(T, device=x.device), T, key_mask, w) for w in self.windows}
             return self.run_layers(x, rope, masks, None)
-        # a compiled decode step reads the whole cache (static shapes); eager calls the filled part
-        static = T == 1 and self.compiled_step is not None
         cache.index = torch.arange(offset, offset + T, device=x.device)
-        cache.visible = cache.max_len if static else offset + T
-        # one mask per distinct window size, shared by the layers that use it
-        masks = {w: build_mask(T, cache.visible, offset, key_mask, w, x.device, static=static)
-                 for w in {b.window for b in self.layers}}
-        x = (self.compiled_step if static else self.run_layers)(x, rope, masks, cache)
+        cache.visible = offset + T
+        masks = {w: build_mask(cache.index, cache.visible, key_mask, w) for w in self.windows}
+        x = self.run_layers(x, rope, masks, cache)
         cache.length += T
         return x
+
+    def embed_tokens(self, input_ids, position_ids):
+        """input_ids, position_ids (B, T) -> token (+ learned position) embeddings (B, T, H), RoPE cos/sin or None."""
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        return x, rope
+
+    def decode_step(self, input_ids, position_ids, cache: KVCache, head: bool = True):
+        """One new token per row: input_ids, position_ids (B, 1) -> logits (B, vocab), or the final hidden states
+        (B, H) with head=False; the body of the compiled decode step (lmlab.inference.kernels). Attention reads all
+        max_len cache slots, the mask hiding those not written yet, so the shapes never change and one graph serves
+        every step. The caller has set cache.index (the slot written, a tensor) and cache.visible = cache.max_len,
+        and advances cache.length after."""
+        x, rope = self.embed_tokens(input_ids, position_ids)
+        key_mask = cache.key_mask if cache.has_padding else None
+        masks = {w: build_mask(cache.index, cache.max_len, key_mask, w, static=True) for w in self.windows}
+        h = self.run_layers(x, rope, masks, cache)[:, -1]
+        return self.lm_head(h) if head else h
 
     def run_layers(self, x, rope, masks, cache):
         """The blocks and the final norm: (B, T, H) -> (B, T, H)."""

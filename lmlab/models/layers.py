@@ -185,22 +185,24 @@ class KVCache:
 
 
 # ------------------------------------------------------------------------------------------- attention
-def attention_mask(q_len: int, k_len: int, offset: int, key_mask: torch.Tensor | None,
-                   window: int | None, device, static: bool = False) -> torch.Tensor | None:
+def attention_mask(q_pos: torch.Tensor, k_len: int, key_mask: torch.Tensor | None,
+                   window: int | None, static: bool = False) -> torch.Tensor | None:
     """Boolean mask (B|1, 1, q_len, k_len), True = may attend; None when plain causal SDPA suffices.
 
-    Query i sits at key index offset + i. Causal (which also hides cache slots not written yet),
-    optionally limited to the last `window` keys (Mistral: key j is visible when q - window < j <= q),
-    and padded keys hidden. A padded query would see no key at all (SDPA returns NaN), so every
-    query may always see itself.
+    q_pos (q_len,): the key index of each query (its cache slot; arange(q_len) without a cache), a tensor so that
+    a compiled decode step can take a new position each step without recompiling. Causal (which also hides cache
+    slots not written yet), optionally limited to the last `window` keys (Mistral: key j is visible when
+    q - window < j <= q), and padded keys hidden. A padded query would see no key at all (SDPA returns NaN), so
+    every query may always see itself.
     """
+    q_len = q_pos.shape[0]
     if key_mask is None and (window is None or k_len <= window):
         if q_len == k_len:
             return None  # is_causal fast path
         if q_len == 1 and not static:  # (a static cache also holds slots not written yet)
             return None  # one new token that sees every key
-    q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
-    k_pos = torch.arange(k_len, device=device)[None, :]
+    q_pos = q_pos[:, None]
+    k_pos = torch.arange(k_len, device=q_pos.device)[None, :]
     allowed = k_pos <= q_pos
     if window is not None:
         allowed = allowed & (k_pos > q_pos - window)

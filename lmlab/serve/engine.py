@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from lmlab.inference.engine import lm_head, pad_left
+from lmlab.inference.engine import pad_left
+from lmlab.inference.kernels import lm_head
 from lmlab.inference.sampling import SamplingParams, sample
 from lmlab.models.layers import KVCache
 
@@ -63,7 +64,7 @@ class Engine:
         self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.cache = model.new_cache(max_batch, self.max_len)
         self.cache.has_padding = True
-        self.head = lm_head(model)  # (n, H) -> (n, vocab), the weight prepared once (inference/engine.py)
+        self.head = lm_head(model)  # (n, H) -> (n, vocab), the weight prepared once (inference/kernels.py)
         self.running: list[Request] = []  # row i of the cache belongs to running[i]
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.wake = threading.Event()
