@@ -331,6 +331,9 @@ class DataConfig:
     whole_word_mask: bool = False  # BERT: select whole words, never part of one
     noise_density: float = 0.15  # T5 span corruption: fraction of tokens corrupted
     mean_noise_span_length: float = 3.0  # T5: mean corrupted span length
+    # T5: spans (T5's targets: each sentinel + the tokens it replaced) | text (the whole original text, so the
+    # decoder must copy the kept words from the encoder: a tiny T5 then reads; see docs/encoders.md)
+    span_targets: str = "spans"
     mask_ratio: float = 0.3  # BART text infilling: fraction of tokens in masked spans
     poisson_lambda: float = 3.0  # BART: mean masked span length (Poisson; 0-length spans insert a <mask>)
     permute_sentences: float = 1.0  # BART: fraction of the sentences shuffled among themselves
@@ -424,6 +427,8 @@ class RunConfig:
                   (self.dpo.loss in ("sigmoid", "ipo"), f"dpo.loss must be sigmoid|ipo, got {self.dpo.loss!r}"),
                   (self.dpo.beta > 0, "dpo.beta must be > 0"),
                   (self.ppo.value_init in ("reward", "policy"), "ppo.value_init must be reward|policy"),
+                  (self.data.span_targets in ("spans", "text"),
+                   f"data.span_targets must be spans|text, got {self.data.span_targets!r}"),
                   (self.ppo.epochs >= 1 and self.ppo.rollout_batch >= 1, "ppo.epochs and ppo.rollout_batch must be >= 1")]
         for ok, msg in checks:
             if not ok:

@@ -387,6 +387,22 @@ def test_span_corruption_single_token_is_left_whole():
     assert (inputs, targets) == ([10, EOS], [EOS])
 
 
+def test_span_corruption_whole_text_targets():
+    """targets="text": the same corrupted inputs, and the whole original text (+ eos) to write out; a bad
+    data.span_targets is refused by the config."""
+    from lmlab.config import ConfigError, RunConfig
+    ids = list(range(2, 120))
+    spans = ob.span_corruption(ids, sentinel_ids=SENT, eos_id=EOS, rng=np.random.default_rng(3))
+    text = ob.span_corruption(ids, sentinel_ids=SENT, eos_id=EOS, rng=np.random.default_rng(3), targets="text")
+    assert text[0] == spans[0] and set(text[0]) & set(SENT)  # inputs still have their sentinels
+    assert text[1] == ids + [EOS] and spans[1] != text[1]
+    with pytest.raises(ValueError, match="targets must be"):
+        ob.span_corruption(ids, sentinel_ids=SENT, eos_id=EOS, rng=np.random.default_rng(3), targets="all")
+    assert RunConfig.from_dict({"data": {"span_targets": "text"}}).data.span_targets == "text"
+    with pytest.raises(ConfigError, match="data.span_targets must be spans|text"):
+        RunConfig.from_dict({"data": {"span_targets": "full"}})
+
+
 def test_span_corruption_errors():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="sentinel"):

@@ -266,20 +266,25 @@ def corrupt_spans(ids, noise_mask, *, sentinel_ids: Sequence[int], eos_id: int) 
 
 
 def span_corruption(ids, *, sentinel_ids: Sequence[int], eos_id: int, noise_density: float = 0.15,
-                    mean_noise_span_length: float = 3.0, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+                    mean_noise_span_length: float = 3.0, rng: np.random.Generator,
+                    targets: str = "spans") -> tuple[list[int], list[int]]:
     """T5's span corruption of one sequence (list of ids or 1-D tensor) -> (inputs, targets) lists:
 
         ids      a b c d e f g h
         inputs   a b <extra_id_0> e f <extra_id_1> h </s>
-        targets  <extra_id_0> c d <extra_id_1> g </s>
+        targets  <extra_id_0> c d <extra_id_1> g </s>      (targets="spans", T5's)
+                 a b c d e f g h </s>                      (targets="text": the whole original)
 
     The ids must not contain sentinels. A sequence shorter than 2 tokens is left whole: (ids + [eos], [eos]).
     """
     ids = ids.tolist() if isinstance(ids, (torch.Tensor, np.ndarray)) else list(ids)
     if set(ids) & set(sentinel_ids):
         raise ValueError("span_corruption: the ids already contain sentinel ids")
+    if targets not in ("spans", "text"):
+        raise ValueError(f"span_corruption: targets must be 'spans' or 'text', got {targets!r}")
     mask = random_spans_noise_mask(len(ids), noise_density, mean_noise_span_length, rng=rng)
-    return corrupt_spans(ids, mask, sentinel_ids=sentinel_ids, eos_id=eos_id)
+    inputs, spans = corrupt_spans(ids, mask, sentinel_ids=sentinel_ids, eos_id=eos_id)
+    return inputs, (spans if targets == "spans" else ids + [eos_id])
 
 
 def reconstruct_spans(inputs: Sequence[int], targets: Sequence[int], *, sentinel_ids: Sequence[int],

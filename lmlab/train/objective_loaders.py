@@ -92,7 +92,7 @@ def mlm_corrupter(tok, vocab_size: int, mlm_probability: float = 0.15, whole_wor
     return corrupt
 
 
-def span_corrupter(tok, noise_density: float = 0.15, mean_span: float = 3.0):
+def span_corrupter(tok, noise_density: float = 0.15, mean_span: float = 3.0, targets: str = "spans"):
     sentinels, eos, pad = sentinel_ids(tok), tok.eos_token_id, tok.pad_token_id
     if eos is None or pad is None:
         raise ValueError("span corruption needs a tokenizer with eos and pad tokens")
@@ -103,7 +103,7 @@ def span_corrupter(tok, noise_density: float = 0.15, mean_span: float = 3.0):
         for row in window.tolist():
             row = [t for t in row if t not in sentinel_set]  # a sentinel in raw text is not kept
             pairs.append(span_corruption(row, sentinel_ids=sentinels, eos_id=eos, noise_density=noise_density,
-                                         mean_noise_span_length=mean_span, rng=rng))
+                                         mean_noise_span_length=mean_span, rng=rng, targets=targets))
         return collate_span_corruption(pairs, pad)  # input_ids (B, S), attention_mask (B, S), labels (B, L)
     sentinel_set = set(sentinels)
     return corrupt
@@ -142,7 +142,7 @@ def objective(family: str, model, tok, dc):
         return mlm_corrupter(tok, model.config.vocab_size, dc.mlm_probability, dc.whole_word_mask), masked_lm_loss(model)
     if model.config.model_type == "bart":
         return denoising_corrupter(tok, dc.mask_ratio, dc.poisson_lambda, dc.permute_sentences), seq2seq_loss(model)
-    return span_corrupter(tok, dc.noise_density, dc.mean_noise_span_length), seq2seq_loss(model)
+    return span_corrupter(tok, dc.noise_density, dc.mean_noise_span_length, dc.span_targets), seq2seq_loss(model)
 
 
 @torch.no_grad()
