@@ -53,8 +53,7 @@ PRESETS = {
             "sft": ["train.save_every=50"], "dpo": ["train.save_every=50"], "ppo": ["train.save_every=80"],
             # the reward model's 1200 steps are the longest stage: bf16 (1.25x here) and one evaluation, at the end
             "reward": ["train.dtype=bfloat16", "train.eval_every=0", "train.save_every=400"],
-            # docs/encoders.md: BERT 1000 steps (~8 min) -> sentiment 0.975; T5 400 steps (T5_PRETRAIN), then QA +
-            # sentiment
+            # docs/encoders.md: BERT 1000 steps -> sentiment 1.00; T5 400 steps (T5_PRETRAIN), then QA + sentiment
             "bert": ["train.max_steps=1000", "train.dtype=bfloat16"], "bert_task": [],
             "t5": ["train.max_steps=400", "train.dtype=bfloat16"], "t5_task": []},
     # CI: bios-only pre-training (the seen people's QA is left to SFT, so SFT's effect is clear in a short run)

@@ -399,7 +399,7 @@ def test_span_corruption_whole_text_targets():
     with pytest.raises(ValueError, match="targets must be"):
         ob.span_corruption(ids, sentinel_ids=SENT, eos_id=EOS, rng=np.random.default_rng(3), targets="all")
     assert RunConfig.from_dict({"data": {"span_targets": "text"}}).data.span_targets == "text"
-    with pytest.raises(ConfigError, match="data.span_targets must be spans|text"):
+    with pytest.raises(ConfigError, match=r"data.span_targets must be spans\|text, got 'full'"):
         RunConfig.from_dict({"data": {"span_targets": "full"}})
 
 
