@@ -338,6 +338,10 @@ class DataConfig:
     poisson_lambda: float = 3.0  # BART: mean masked span length (Poisson; 0-length spans insert a <mask>)
     permute_sentences: float = 1.0  # BART: fraction of the sentences shuffled among themselves
 
+    def validate(self):
+        if self.span_targets not in ("spans", "text"):
+            raise ConfigError(f"config: data.span_targets must be spans|text, got {self.span_targets!r}")
+
 
 @dataclass
 class LoRAConfig:
@@ -418,6 +422,7 @@ class RunConfig:
                 raise ConfigError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}; known: {sorted(names)}")
             parts[name] = klass(**_coerce(klass, name, values))
         parts["train"].validate()
+        parts["data"].validate()
         rc = cls(**parts)
         rc.validate_posttraining()
         return rc
@@ -427,8 +432,6 @@ class RunConfig:
                   (self.dpo.loss in ("sigmoid", "ipo"), f"dpo.loss must be sigmoid|ipo, got {self.dpo.loss!r}"),
                   (self.dpo.beta > 0, "dpo.beta must be > 0"),
                   (self.ppo.value_init in ("reward", "policy"), "ppo.value_init must be reward|policy"),
-                  (self.data.span_targets in ("spans", "text"),
-                   f"data.span_targets must be spans|text, got {self.data.span_targets!r}"),
                   (self.ppo.epochs >= 1 and self.ppo.rollout_batch >= 1, "ppo.epochs and ppo.rollout_batch must be >= 1")]
         for ok, msg in checks:
             if not ok:
