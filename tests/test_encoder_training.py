@@ -116,6 +116,23 @@ def test_whole_word_masking_selects_whole_words(runs):
     assert selected.any() and torch.equal(selected[:, 1:][follow], selected[:, :-1][follow])
 
 
+def test_span_targets_text_reaches_the_t5_objective(runs):
+    """data.span_targets=text goes through pretrain's objective(): the same corrupted inputs as T5's targets, and
+    each label row is the raw window plus </s> (padded with -100), so the decoder writes the whole text."""
+    from lmlab.config import DataConfig
+    from lmlab.train.objective_loaders import objective
+    d = runs["encoder-decoder"][0] / "final"
+    model, tok = lmlab.load_model(d), lmlab.load_tokenizer(d)
+    window = torch.tensor([tok.encode(t, add_special_tokens=False)[:24] for t in
+                           ["Ada Brook was born in Lisbon and works as a baker there.",
+                            "The museum was charming, but the hotel felt cold and the food was not good."]])
+    spans_in, _, spans_labels = objective("encoder-decoder", model, tok, DataConfig())[0](window, 7)
+    ids, _, labels = objective("encoder-decoder", model, tok, DataConfig(span_targets="text"))[0](window, 7)
+    assert torch.equal(ids, spans_in) and not torch.equal(labels, spans_labels)
+    for row, lab in zip(window.tolist(), labels.tolist()):
+        assert [t for t in lab if t != -100] == row + [tok.eos_token_id]
+
+
 # ------------------------------------------------------------------------------------------ fine-tuning
 def task_config(task, extra=()):
     d = {section: dict(v) for section, v in tasks.DEFAULTS[task].items()}
