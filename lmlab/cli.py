@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=fmt)
     sr.add_argument("--out", default="runs/speedrun", help="run directory (one folder per stage, report.md)")
     sr.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "ci"],
-                    help="cpu: the tiny model in ~14 min on 2 cores; gpu: the small model, longer; ci: reduced")
+                    help="cpu: the tiny model in ~13 min on 2 cores; gpu: the small model, longer; ci: reduced")
     sr.add_argument("--data", default="world", help="world, or a folder with pretrain.jsonl, sft.jsonl and "
                     "preferences.jsonl (as `lmlab data world --out DIR` writes)")
     sr.add_argument("--families", default="decoder", choices=["decoder", "all"],

@@ -291,7 +291,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
     eval_every: int = 100  # 0 = only at the end
-    eval_batches: int = 20
+    eval_batches: int = 20  # validation batches per evaluation (DPO: of 16 held-out pairs); 0 = all
     save_every: int = 100  # 0 = only at the end
     keep_last: int = 2
     seed: int = 0
@@ -307,6 +307,7 @@ class TrainConfig:
         for k in ("max_steps", "batch_size", "seq_len", "grad_accum"):
             need(isinstance(getattr(self, k), int) and getattr(self, k) > 0, f"{k} must be a positive integer")
         need(self.lr > 0, "lr must be > 0")
+        need(isinstance(self.eval_batches, int) and self.eval_batches >= 0, "eval_batches must be >= 0 (0 = all)")
         need(self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine|linear|constant")
         need(self.dtype in ("float32", "bfloat16"), f"dtype must be float32|bfloat16, got {self.dtype!r}")
         need(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp|fsdp, got {self.distributed!r}")

@@ -9,7 +9,7 @@ import torch
 
 import lmlab
 from lmlab.cli import main
-from lmlab.config import DPOConfig, RunConfig
+from lmlab.config import ConfigError, DPOConfig, RunConfig
 from lmlab.data.prefs import encode_pair, load_rankings, split_rankings, to_pairs
 from lmlab.data.sft import encode_conversations, load_conversations, make_rows, to_messages
 from lmlab.data.text import DataError
@@ -288,6 +288,23 @@ def test_dpo_stage_learns_its_pairs(base_dir, tmp_path, tok):
     # chosen responses gained log-probability relative to rejected ones (observed: loss 0.69 -> 0.49,
     # margin 0.72, 7 of 9 pairs ordered after 20 steps on a random tiny model)
     assert after["val_reward_margin"] > 0.3 and after["val_loss"] < 0.6 and after["val_reward_accuracy"] > 0.6, after
+
+
+def test_dpo_evaluates_eval_batches_of_pairs_spread_over_the_split(base_dir, tmp_path):
+    from lmlab.train import dpo
+
+    assert dpo.spread(list(range(10)), 4) == [0, 2, 5, 7] and dpo.spread([1, 2], 4) == [1, 2]
+    assert dpo.spread(list(range(10)), 0) == list(range(10))  # 0 = all
+    with pytest.raises(ConfigError, match=r"eval_batches must be >= 0 \(0 = all\)"):
+        RunConfig.from_dict({"train": {"eval_batches": -1}})
+    pairs = to_pairs(load_rankings("world", 3, 20)[:40])
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for p in pairs))
+    rc = RunConfig.from_dict({"train": dpo.DEFAULTS["train"] | {"max_steps": 1, "batch_size": 2, "eval_batches": 1},
+                              "data": {"source": str(data), "val_fraction": 0.5}})
+    dpo.run(rc, base_dir, tmp_path / "dpo")
+    report = json.loads((tmp_path / "dpo" / "report.json").read_text())
+    assert report["val_pairs"] == dpo.EVAL_BATCH < len(pairs) // 3, (report, len(pairs))
 
 
 def test_lora_on_layers_peft_cannot_hold_fails_at_the_start(tmp_path, tok):

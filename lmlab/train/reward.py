@@ -84,13 +84,13 @@ def pair_accuracy(model, encoded_rankings, pad_id: int, batch_size: int = 8) -> 
     return {"pair_acc": right / max(n, 1), "val_loss": loss / max(n, 1), "pairs": n}
 
 
-def preference_data(rc: RunConfig, tok):
-    """(train pairs, val pairs), encoded for DPO; the split is by prompt (data.val_fraction, train.seed)."""
-    from lmlab.data.prefs import encode_pair, to_pairs
+def preference_pairs(rc: RunConfig):
+    """(train pairs, val pairs) for DPO, as text (prefs.to_pairs); the split is by prompt (data.val_fraction,
+    train.seed), the reward model's."""
+    from lmlab.data.prefs import to_pairs
 
     train_r, val_r = _split(rc)
-    enc = lambda rs: [encode_pair(tok, p) for p in to_pairs(rs, rc.reward.margin)]  # noqa: E731
-    return enc(train_r), enc(val_r)
+    return to_pairs(train_r, rc.reward.margin), to_pairs(val_r, rc.reward.margin)
 
 
 def ranking_data(rc: RunConfig, tok):
