@@ -51,6 +51,16 @@ def uninterrupted(corpus, tmp_path_factory):
     return out
 
 
+def test_eval_batches_zero_evaluates_the_whole_validation_split(uninterrupted, corpus):
+    model = lmlab.load_model(uninterrupted / "final")
+    tokens = {}
+    for n in (1, 0):
+        t = config(corpus, f"train.eval_batches={n}", "train.seq_len=8").train  # several batches (one at 32)
+        _, eval_fn = pretrain.token_loaders(uninterrupted / "data", t, t.batch_size, "test")
+        tokens[n] = eval_fn(model)["val_tokens"]
+    assert tokens[1] == 4 * 8 < 4 * 4 * 8 < tokens[0], tokens  # one batch of 4 x 8, then every window
+
+
 def test_run_directory_layout(uninterrupted):
     out = uninterrupted
     for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md", "plots/loss.png", "final/config.json",
