@@ -424,7 +424,7 @@ class TokenLoader:
         The split's last (N - 1) % seq_len tokens are not predicted."""
         B, G = self.batch_size, self.global_batch
         n_batches = self.n_windows // G if drop_last else math.ceil(self.n_windows / G)
-        if max_batches is not None:
+        if max_batches:  # None or 0 (train.eval_batches=0): the whole split
             n_batches = min(n_batches, max_batches)
         for b in range(n_batches):
             lo = b * G + self.rank * B

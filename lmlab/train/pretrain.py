@@ -143,7 +143,7 @@ def token_loaders(shard_dir: Path, t, micro: int, desc: str):
     except DataError as e:
         print(f"[{desc}] no validation: {e}")
         return loader, None
-    return loader, lambda m: evaluate_lm(m, val, t.eval_batches or None)
+    return loader, lambda m: evaluate_lm(m, val, t.eval_batches)
 
 
 def objective_loaders(family: str, model, tok, shard_dir: Path, t, dc: DataConfig, micro: int):
@@ -160,7 +160,7 @@ def objective_loaders(family: str, model, tok, shard_dir: Path, t, dc: DataConfi
                                 corrupt, t.seed)
     try:
         val = loader("val")
-        eval_fn = lambda m: evaluate_objective(m, val, loss_fn, t.eval_batches or None)  # noqa: E731
+        eval_fn = lambda m: evaluate_objective(m, val, loss_fn, t.eval_batches)  # noqa: E731
     except DataError as e:
         print(f"[pretrain] no validation: {e}")
         eval_fn = None
