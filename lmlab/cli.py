@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="all: also pre-train and fine-tune a BERT (sentiment) and a T5 (extractive QA)")
     sr.add_argument("--resume", action="store_true", help="continue an interrupted run: finished stages are kept")
     sr.add_argument("--seed", type=int, default=0, help="world and training seed")
-    sr.add_argument("--set", nargs="*", default=[], metavar="STAGE.KEY=VALUE",
+    sr.add_argument("--set", nargs="*", action="extend", default=[], metavar="STAGE.KEY=VALUE",
                     help="override a stage's config, e.g. pretrain.train.max_steps=100 reward.train.lr=3e-4")
     sr.set_defaults(func=_speedrun)
 
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'train' (on the data) or a tokenizer/model directory (default: data.tokenizer, 'train')")
     p_.add_argument("--out", default=None, help="run directory (default: runs/pretrain-PRESET)")
     p_.add_argument("--config", default=None, help="a YAML run config (model/train/data sections)")
-    p_.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p_.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="overrides such as train.max_steps=200 model.hidden_size=128")
     p_.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p_.add_argument("--max-minutes", type=float, default=0.0, help="time budget (0 = none)")
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         s_.add_argument("--data", default=None, help=f"{data_help} (default: data.source, 'world')")
         s_.add_argument("--out", default=None, help=f"run directory (default: runs/{verb})")
         s_.add_argument("--config", default=None, help="a YAML run config (train/data/lora/... sections)")
-        s_.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+        s_.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="overrides such as train.lr=1e-5 train.max_steps=50 dpo.beta=0.2")
         s_.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
         s_.add_argument("--max-minutes", type=float, default=0.0, help="time budget in minutes (default 0 = none)")

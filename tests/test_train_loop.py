@@ -225,6 +225,19 @@ def test_config_file_data_source_is_kept(corpus, tmp_path):
     assert _run_config(build_parser().parse_args(["pretrain"])).data.source == "world"
 
 
+def test_repeated_set_flags_all_apply():
+    """`--set a=1 --set b=2` applies both (argparse's nargs="*" alone keeps only the last flag's values)."""
+    from lmlab.cli import _run_config, build_parser
+    args = build_parser().parse_args(["pretrain", "--set", "train.lr=5e-5", "--set", "train.max_steps=7",
+                                      "train.seed=3"])
+    t = _run_config(args).train
+    assert (t.lr, t.max_steps, t.seed) == (5e-5, 7, 3)
+    for argv in (["sft", "--model", "m"], ["speedrun"]):
+        p = build_parser()
+        assert p.parse_args([*argv, "--set", "a.b=1", "--set", "c.d=2"]).set == ["a.b=1", "c.d=2"]
+        assert p.parse_args(argv).set == []  # the default list is not shared between parses
+
+
 def test_pretrain_with_a_given_tokenizer(corpus, uninterrupted, tmp_path):
     """data.tokenizer=DIR uses that tokenizer instead of training one."""
     tok_dir = uninterrupted / "final"
