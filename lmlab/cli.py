@@ -257,6 +257,12 @@ def _speedrun(args) -> int:
     return 0 if all(c["ok"] for c in report["checks"].values()) else 1
 
 
+def _values(parser, flag: str, nargs: str = "+", **kw) -> None:
+    """A flag of several values that may also repeat: `--set a=1 --set b=2` keeps both (argparse's nargs alone
+    keeps only the last flag's values, silently)."""
+    parser.add_argument(flag, nargs=nargs, action="extend", **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmlab", description="Build, train, align and serve language models.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -276,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="all: also pre-train and fine-tune a BERT (sentiment) and a T5 (extractive QA)")
     sr.add_argument("--resume", action="store_true", help="continue an interrupted run: finished stages are kept")
     sr.add_argument("--seed", type=int, default=0, help="world and training seed")
-    sr.add_argument("--set", nargs="*", action="extend", default=[], metavar="STAGE.KEY=VALUE",
-                    help="override a stage's config, e.g. pretrain.train.max_steps=100 reward.train.lr=3e-4")
+    _values(sr, "--set", "*", default=[], metavar="STAGE.KEY=VALUE",
+            help="override a stage's config, e.g. pretrain.train.max_steps=100 reward.train.lr=3e-4")
     sr.set_defaults(func=_speedrun)
 
     g = sub.add_parser("generate", help="continue a prompt with a model directory", formatter_class=fmt)
@@ -326,12 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tokenizer", help="train a tokenizer or encode text", formatter_class=fmt)
     tsub = t.add_subparsers(dest="action", metavar="ACTION", required=True)
     tt = tsub.add_parser("train", help="train a tokenizer on text files", formatter_class=fmt)
-    tt.add_argument("--data", nargs="+", required=True, help="text files (.txt, one document or line per line)")
+    _values(tt, "--data", required=True, help="text files (.txt, one document or line per line)")
     tt.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size, special tokens included")
     tt.add_argument("--kind", default="bpe", choices=["bpe", "sp-bpe", "unigram", "wordpiece"],
                     help="bpe: byte-level BPE; sp-bpe/unigram: SentencePiece; wordpiece: BERT")
-    tt.add_argument("--special-tokens", nargs="*", default=None,
-                    help="extra special tokens (default: the chat tokens of lmlab's template)")
+    _values(tt, "--special-tokens", "*", default=None,
+            help="extra special tokens (default: the chat tokens of lmlab's template)")
     tt.add_argument("--out", required=True, help="output directory")
     te = tsub.add_parser("encode", help="print the ids and tokens of a text", formatter_class=fmt)
     te.add_argument("--tokenizer", required=True, help="tokenizer or model directory")
@@ -355,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'train' (on the data) or a tokenizer/model directory (default: data.tokenizer, 'train')")
     p_.add_argument("--out", default=None, help="run directory (default: runs/pretrain-PRESET)")
     p_.add_argument("--config", default=None, help="a YAML run config (model/train/data sections)")
-    p_.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                    help="overrides such as train.max_steps=200 model.hidden_size=128")
+    _values(p_, "--set", "*", default=[], metavar="KEY=VALUE",
+            help="overrides such as train.max_steps=200 model.hidden_size=128")
     p_.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p_.add_argument("--max-minutes", type=float, default=0.0, help="time budget (0 = none)")
     p_.set_defaults(func=_pretrain)
@@ -379,17 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
         s_.add_argument("--data", default=None, help=f"{data_help} (default: data.source, 'world')")
         s_.add_argument("--out", default=None, help=f"run directory (default: runs/{verb})")
         s_.add_argument("--config", default=None, help="a YAML run config (train/data/lora/... sections)")
-        s_.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                        help="overrides such as train.lr=1e-5 train.max_steps=50 dpo.beta=0.2")
+        _values(s_, "--set", "*", default=[], metavar="KEY=VALUE",
+                help="overrides such as train.lr=1e-5 train.max_steps=50 dpo.beta=0.2")
         s_.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
         s_.add_argument("--max-minutes", type=float, default=0.0, help="time budget in minutes (default 0 = none)")
         if verb != "reward":
             s_.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (lora.r; default 0 = full fine-tuning)")
             s_.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha; updates are scaled alpha/r (lora.alpha; default 16)")
             s_.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input (lora.dropout; default 0)")
-            s_.add_argument("--lora-targets", nargs="+", default=None,
-                            help="module names (q_proj v_proj ...) or one regex over module paths (lora.targets; "
-                                 "default: every attention and MLP projection)")
+            _values(s_, "--lora-targets", default=None,
+                    help="module names (q_proj v_proj ...) or one regex over module paths (lora.targets; "
+                         "default: every attention and MLP projection)")
         else:
             s_.set_defaults(lora_rank=None, lora_alpha=None, lora_dropout=None, lora_targets=None)
         if verb == "finetune":

@@ -236,6 +236,14 @@ def test_repeated_set_flags_all_apply():
         p = build_parser()
         assert p.parse_args([*argv, "--set", "a.b=1", "--set", "c.d=2"]).set == ["a.b=1", "c.d=2"]
         assert p.parse_args(argv).set == []  # the default list is not shared between parses
+    p = build_parser()  # every flag of several values: the tokenizer's files and special tokens, LoRA's targets
+    args = p.parse_args(["tokenizer", "train", "--out", "o", "--data", "a.txt", "--data", "b.txt", "c.txt",
+                         "--special-tokens", "<x>", "--special-tokens", "<y>"])
+    assert (args.data, args.special_tokens) == (["a.txt", "b.txt", "c.txt"], ["<x>", "<y>"])
+    assert p.parse_args(["tokenizer", "train", "--out", "o", "--data", "a"]).special_tokens is None
+    assert p.parse_args(["tokenizer", "train", "--out", "o", "--data", "a", "--special-tokens"]).special_tokens == []
+    assert p.parse_args(["sft", "--model", "m", "--lora-targets", "q_proj", "--lora-targets", "v_proj"]
+                        ).lora_targets == ["q_proj", "v_proj"]
 
 
 def test_pretrain_with_a_given_tokenizer(corpus, uninterrupted, tmp_path):
