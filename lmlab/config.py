@@ -390,6 +390,11 @@ class PPOConfig:
     vf_coef: float = 0.1
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response cut off before end-of-turn
     value_init: str = "reward"  # reward | policy: the value model's starting backbone
+    # PPO-ptx (InstructGPT): + ptx_coef * the LM loss on ptx_batch rows of train.seq_len tokens of ptx_data (a shard
+    # folder, as `lmlab pretrain` writes under its out dir: data/) each step, so the policy keeps what it knew
+    ptx_coef: float = 0.0
+    ptx_data: str = ""
+    ptx_batch: int = 2
 
 
 @dataclass
@@ -433,7 +438,9 @@ class RunConfig:
                   (self.dpo.loss in ("sigmoid", "ipo"), f"dpo.loss must be sigmoid|ipo, got {self.dpo.loss!r}"),
                   (self.dpo.beta > 0, "dpo.beta must be > 0"),
                   (self.ppo.value_init in ("reward", "policy"), "ppo.value_init must be reward|policy"),
-                  (self.ppo.epochs >= 1 and self.ppo.rollout_batch >= 1, "ppo.epochs and ppo.rollout_batch must be >= 1")]
+                  (self.ppo.epochs >= 1 and self.ppo.rollout_batch >= 1, "ppo.epochs and ppo.rollout_batch must be >= 1"),
+                  (self.ppo.ptx_coef == 0 or self.ppo.ptx_data and self.ppo.ptx_batch >= 1,
+                   "ppo.ptx_coef > 0 needs ppo.ptx_data (a shard folder, e.g. runs/pretrain/data) and ppo.ptx_batch >= 1")]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"config: {msg}")

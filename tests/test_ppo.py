@@ -222,6 +222,42 @@ def test_resume_is_exact(dirs, full_run, tmp_path, lora):
         assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.fixture(scope="module")
+def ptx_shards(dirs):
+    from lmlab.data.shards import build_shards
+
+    tok = lmlab.load_tokenizer(dirs / "policy")
+    build_shards(make_world(**WORLD).pretrain_docs(), tok, dirs / "shards", val_fraction=0.1, show_progress=False)
+    return dirs / "shards"
+
+
+def test_ptx_adds_the_pretraining_loss_and_resumes_exactly(dirs, ptx_shards, tmp_path):
+    """PPO-ptx: each step also takes the LM loss on ptx_batch rows of pre-training text (logged as ptx_loss, which
+    falls on this untrained policy), the stream's position is part of the checkpoint, so a stopped run resumes to
+    the same weights; and ptx_coef without ptx_data is a config error."""
+    def rc(coef=1.0):
+        return config(dirs, train={"seq_len": 32}, ptx_coef=coef, ptx_data=str(ptx_shards), ptx_batch=2)
+
+    def ptx_losses(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["ptx_loss"] for r in rows]
+    whole, ignored = tmp_path / "whole", tmp_path / "ignored"
+    ppo.run(rc(), dirs / "policy", whole, show_progress=False)
+    ppo.run(rc(1e-9), dirs / "policy", ignored, show_progress=False)  # the same rows, logged but not trained on
+    ptx, control = ptx_losses(whole), ptx_losses(ignored)
+    assert len(ptx) == 10 and ptx[0] == pytest.approx(control[0])
+    assert sum(ptx[-3:]) < sum(control[-3:]) - 0.1, (ptx, control)
+    out = tmp_path / "resumed"
+    ppo.run(rc(), dirs / "policy", out, stop_at=6, show_progress=False)
+    state = json.loads((out / "checkpoints" / "step_000006" / "loader.json").read_text())
+    assert state["ptx"]["index"] > 0
+    ppo.run(rc(), dirs / "policy", out, resume=True, show_progress=False)
+    a, b = _weights(whole / "final"), _weights(out / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(lmlab.ConfigError, match="ptx_data"):
+        RunConfig.from_dict({"ppo": {"ptx_coef": 1.0}})
+
+
 def test_prompts_from_jsonl(tmp_path):
     from lmlab.data.text import DataError
 

@@ -13,6 +13,8 @@ The algorithm is PPO as Ziegler et al. (2019), InstructGPT and TRL's PPOTrainer 
   GAE(gamma, lam) advantages, whitened over the rollout; returns = advantages + values;
 - `ppo.epochs` shuffled passes over the rollout in minibatches of `train.batch_size`, each an optimizer step
   of the one loop on  clipped surrogate (ratio clip `ppo.clip`) + vf_coef * clipped value loss.
+Optionally PPO-ptx (InstructGPT): the pre-training LM loss on `ppo.ptx_batch` rows of `ppo.ptx_data` is added to
+each step with weight `ppo.ptx_coef`, which keeps the policy's knowledge while it learns from the reward.
 Simplified against TRL: no reward/score whitening or clipping, no entropy bonus, no early stop on KL
 within a rollout, the value model does not share the policy's backbone (one optimizer trains both), and
 log-probs use logits / temperature but ignore top_k. Metrics: reward (score), gold reward (the built-in
@@ -129,8 +131,10 @@ class PolicyAndValue(nn.Module):
     device = property(lambda self: self.policy.device)
     config = property(lambda self: self.policy.config)
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.policy(input_ids, attention_mask), self.value(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask=None, ptx_ids=None):
+        """-> (logits, values), + the policy's logits on ptx_ids (B', T') when given: one forward, so DDP sees it."""
+        out = self.policy(input_ids, attention_mask), self.value(input_ids, attention_mask)
+        return out if ptx_ids is None else (*out, self.policy(ptx_ids))
 
 
 def at_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -184,6 +188,11 @@ class RolloutLoader:
         self.pad = pad_id(tok)
         self.autocast = rc.train.dtype == "bfloat16"  # old log-probs in the dtype the loss will see
         self.kl = AdaptiveKLController(rc.ppo.kl_coef, rc.ppo.target_kl, rc.ppo.kl_horizon)
+        self.ptx = None  # PPO-ptx: (x, y) windows of pre-training text, ptx_batch per micro-batch
+        if rc.ppo.ptx_coef > 0:
+            from lmlab.data.shards import TokenLoader
+            self.ptx = TokenLoader(rc.ppo.ptx_data, "train", rc.ppo.ptx_batch, rc.train.seq_len, rc.train.seed, rank,
+                                   world_size)
         self.prompt_epoch = self.prompt_pos = self.rollouts = 0
         self.samples, self.queue, self.stats, self.history = [], [], {}, []
 
@@ -195,6 +204,8 @@ class RolloutLoader:
             self.rollout()
         batch = collate([self.samples[i] for i in self.queue.pop(0)], self.pad)
         batch["stats"] = self.stats
+        if self.ptx is not None:
+            batch["ptx"] = next(self.ptx)  # (x, y) (ptx_batch, seq_len)
         return batch
 
     def _next_prompts(self) -> list[int]:
@@ -281,23 +292,30 @@ class RolloutLoader:
     def state_dict(self) -> dict:
         return {"prompt_epoch": self.prompt_epoch, "prompt_pos": self.prompt_pos, "rollouts": self.rollouts,
                 "kl_coef": self.kl.value, "samples": self.samples, "queue": self.queue, "stats": self.stats,
-                "history": self.history}
+                "history": self.history, "ptx": self.ptx.state_dict() if self.ptx is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.prompt_epoch, self.prompt_pos, self.rollouts = state["prompt_epoch"], state["prompt_pos"], state["rollouts"]
         self.kl.value, self.samples, self.queue = state["kl_coef"], state["samples"], state["queue"]
         self.stats, self.history = state["stats"], state["history"]
+        if self.ptx is not None and state.get("ptx") is not None:
+            self.ptx.load_state_dict(state["ptx"])
 
 
 def make_loss(cfg: PPOConfig):
     def loss_fn(step_model, batch):
         dev = next(step_model.parameters()).device
         ids, pos, mask = batch["ids"].to(dev), batch["pos"].to(dev), batch["mask"].to(dev)
-        logits, values = step_model(ids)  # (B, T, V), (B, T)
+        ptx = batch.get("ptx")
+        out = step_model(ids, ptx_ids=ptx[0].to(dev) if ptx is not None else None)  # (B, T, V), (B, T)[, ptx logits]
+        logits, values = out[:2]
         loss, stats = ppo_loss(at_positions(logits, pos).float() / cfg.temperature, at_positions(ids, pos + 1),
                                batch["logp"].to(dev), batch["adv"].to(dev), at_positions(values.float(), pos),
                                batch["values"].to(dev), batch["ret"].to(dev), mask, cfg.clip, cfg.clip_value,
                                cfg.vf_coef)
+        if ptx is not None:  # PPO-ptx: the pre-training LM loss on its own rows
+            lm = F.cross_entropy(out[2].float().flatten(0, 1), ptx[1].to(dev).flatten())
+            loss, stats["ptx_loss"] = loss + cfg.ptx_coef * lm, float(lm.detach())
         return loss, {**stats, **batch["stats"]}
     return loss_fn
 
