@@ -391,7 +391,7 @@ class PPOConfig:
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response cut off before end-of-turn
     value_init: str = "reward"  # reward | policy: the value model's starting backbone
     # PPO-ptx (InstructGPT): + ptx_coef * the LM loss on ptx_batch rows of train.seq_len tokens of ptx_data (a shard
-    # folder, as `lmlab pretrain` writes under its out dir: data/) each step, so the policy keeps what it knew
+    # folder, as `lmlab pretrain` writes under its out dir: data/) in each micro-batch, so the policy keeps what it knew
     ptx_coef: float = 0.0
     ptx_data: str = ""
     ptx_batch: int = 2
