@@ -14,7 +14,7 @@ The algorithm is PPO as Ziegler et al. (2019), InstructGPT and TRL's PPOTrainer 
 - `ppo.epochs` shuffled passes over the rollout in minibatches of `train.batch_size`, each an optimizer step
   of the one loop on  clipped surrogate (ratio clip `ppo.clip`) + vf_coef * clipped value loss.
 Optionally PPO-ptx (InstructGPT): the pre-training LM loss on `ppo.ptx_batch` rows of `ppo.ptx_data` is added to
-each step with weight `ppo.ptx_coef`, which keeps the policy's knowledge while it learns from the reward.
+each micro-batch's loss with weight `ppo.ptx_coef`, which keeps the policy's knowledge while it follows the reward.
 Simplified against TRL: no reward/score whitening or clipping, no entropy bonus, no early stop on KL
 within a rollout, the value model does not share the policy's backbone (one optimizer trains both), and
 log-probs use logits / temperature but ignore top_k. Metrics: reward (score), gold reward (the built-in
