@@ -9,8 +9,8 @@ from lmlab.eval.world import world_gold_task, world_qa_task
 
 
 def perplexity(model_dir, data="world", batch_size: int = 8, seq_len: int = 256) -> dict:
-    """Loss, perplexity and bits per UTF-8 byte of a model on text (the world's validation documents by
-    default: the held-out split of a pre-training run on the world, with the same seed)."""
+    """Loss, perplexity and bits per UTF-8 byte of a model on every document of `data`: for "world", the whole
+    pre-training corpus, training documents included (a pre-training run's report.json has its held-out split's)."""
     import lmlab
     from lmlab.config import DataConfig
     from lmlab.data.shards import TokenLoader, build_shards
