@@ -170,7 +170,7 @@ def full_run(dirs, tmp_path_factory):
 
 def test_world_run_logs_and_reports(full_run):
     out, _ = full_run
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 11))
     keys = {"loss", "pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac", "score", "gold_reward",
             "kl", "kl_coef", "response_len", "rollout"}
@@ -190,6 +190,10 @@ def test_world_run_logs_and_reports(full_run):
 def _weights(d):
     from safetensors.torch import load_file
     return load_file(d / "model.safetensors")
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("lora", [0, 4])
@@ -238,13 +242,10 @@ def test_ptx_adds_the_pretraining_loss_and_resumes_exactly(dirs, ptx_shards, tmp
     def rc(coef=1.0):
         return config(dirs, train={"seq_len": 32}, ptx_coef=coef, ptx_data=str(ptx_shards), ptx_batch=2)
 
-    def ptx_losses(out):
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return [r["ptx_loss"] for r in rows]
     whole, ignored = tmp_path / "whole", tmp_path / "ignored"
     ppo.run(rc(), dirs / "policy", whole, show_progress=False)
     ppo.run(rc(1e-9), dirs / "policy", ignored, show_progress=False)  # the same rows, logged but not trained on
-    ptx, control = ptx_losses(whole), ptx_losses(ignored)
+    ptx, control = ([r["ptx_loss"] for r in _metrics(d)] for d in (whole, ignored))
     assert len(ptx) == 10 and ptx[0] == pytest.approx(control[0])
     assert sum(ptx[-3:]) < sum(control[-3:]) - 0.1, (ptx, control)
     out = tmp_path / "resumed"
