@@ -102,6 +102,20 @@ def test_bf16_load_and_save(hf_dirs, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
 
 
+def test_bf16_load_keeps_rope_frequencies_fp32(hf_dirs):
+    """RoPE's frequencies stay fp32 in a bf16 model (load_model(dtype=...) and .to()), as in transformers'
+    from_pretrained(dtype=...): rounded to bf16 they would turn the rotation at position 4000 by up to 1.5 rad."""
+    path = hf_dirs("llama")
+    m32, m16 = lmlab.load_model(path), lmlab.load_model(path, dtype=torch.bfloat16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    assert m16.rotary.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(m16.rotary.inv_freq, hf.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    pos = torch.arange(4096)[None]
+    for model in (m16, m32.to(torch.bfloat16)):
+        for a, b in zip(model.rotary(pos, torch.float32), lmlab.load_model(path).rotary(pos, torch.float32)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- errors
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):

@@ -118,7 +118,11 @@ def _yarn(cfg, sc, dim, base):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for given positions, in the rotate-half layout of Hugging Face checkpoints."""
+    """cos/sin tables for given positions, in the rotate-half layout of Hugging Face checkpoints.
+
+    The frequencies stay fp32 when the model is cast (`model.to(torch.bfloat16)`, `load_model(dtype=...)`), as in
+    transformers' `from_pretrained(dtype=...)`: rounded to bf16 they turn the rotation at position 1000 by up to
+    0.4 rad."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -128,8 +132,14 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset(self):
-        """Recompute the frequencies (after the model was built on the meta device and materialised)."""
+        """Recompute the frequencies (after the model was built on the meta device and materialised, or cast)."""
         self.inv_freq = rope_inv_freq(self.cfg)[0].to(self.inv_freq.device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:  # a cast rounded them
+            self.reset()
+        return self
 
     def forward(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
@@ -226,6 +236,30 @@ def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     return (p @ v).view(B, nh, 1, hd)
 
 
+def causal_attention_blocks(q, k, v, scale: float, block: int = 64) -> torch.Tensor:
+    """Causal self-attention as plain math in blocks of queries: q (B, nh, T, hd), k/v (B, nkv, T, hd) ->
+    (B, nh, T, hd). Used in compiled training on a CPU, where it beats SDPA's CPU kernel (docs/benchmarks.md):
+    the queries of a block multiply only the keys up to the block's end (at T=256 and 64-row blocks 5/8 of the
+    square), the query heads of a kv head are rows of one product (GQA without repeating k/v), and Inductor
+    fuses the mask, softmax and casts. Scores are products and softmax in fp32, as in SDPA's kernels (rounded to
+    bf16 they carry twice the error at a trained model's scores of +-10); the probabilities take v's dtype."""
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    g = nh // nkv
+    out = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        n = end - start
+        qb = q[:, :, start:end].reshape(B, nkv, g * n, hd)  # rows: the g query heads of each kv head
+        with torch.autocast(q.device.type, enabled=False):
+            s = (qb.float() @ k[:, :, :end].float().transpose(-1, -2)) * scale  # (B, nkv, g*n, end)
+        allowed = torch.arange(end, device=q.device) <= torch.arange(start, end, device=q.device)[:, None]  # (n, end)
+        s = s.view(B, nkv, g, n, end).masked_fill(~allowed, float("-inf"))
+        p = s.softmax(-1).to(v.dtype).view(B, nkv, g * n, end)
+        out.append((p @ v[:, :, :end]).view(B, nh, n, hd))
+    return torch.cat(out, 2)
+
+
 class Attention(nn.Module):
     """Self-attention. causal=False (encoders) lets every token see every other unpadded token."""
 
@@ -252,6 +286,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, visible, hd), masked by `mask`
         if T == 1 and torch.compiler.is_compiling():  # a compiled decode step: plain math that Inductor fuses
             y = decode_attention(q, k, v, mask, self.scale)
+        elif (self.causal and mask is None and cache is None and q.device.type == "cpu"
+              and torch.compiler.is_compiling()):  # compiled training on a CPU
+            y = causal_attention_blocks(q, k, v, self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
                                                scale=self.scale, enable_gqa=self.nkv != self.nh)
