@@ -137,7 +137,7 @@ class Rotary(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.inv_freq.dtype != torch.float32:  # a cast rounded them
+        if self.inv_freq.dtype in (torch.bfloat16, torch.float16):  # a cast rounded them
             self.reset()
         return self
 
