@@ -17,7 +17,7 @@ from lmlab.data.world import make_world
 from lmlab.models.heads import ScalarHead
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.dpo import dpo_loss
-from lmlab.train.posttrain import IGNORE, ListLoader, token_logprobs
+from lmlab.train.posttrain import IGNORE, ListLoader, pad_right, token_logprobs
 from lmlab.train.reward import bradley_terry_loss
 
 WORLD = {"seed": 3, "n_people": 20}
@@ -145,42 +145,64 @@ def test_reward_model_matches_transformers_classifier(preset, tmp_path, tok):
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     from lmlab.data.prefs import encode_ranking
     from lmlab.train.reward import collate_rankings
-    ids, mask = collate_rankings(tok.pad_token_id)([encode_ranking(tok, r) for r in load_rankings("world", 3, 20)[:3]])[:2]
+    rankings = [encode_ranking(tok, r) for r in load_rankings("world", 3, 20)[:3]]
+    seqs = [ids for r in rankings for ids, _ in r["responses"]]
+    ids, mask = pad_right(seqs, tok.pad_token_id), pad_right([[1] * len(s) for s in seqs], 0)
     assert not bool(mask.all())  # a padded batch
+    packed = collate_rankings(tok.pad_token_id)(rankings)[0]  # how lmlab reward trains and evaluates
     with torch.no_grad():
         ours = rm.reward(ids, mask)
         theirs = hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
         again = lmlab.load_model(tmp_path).reward(ids, mask)
+        from_packed = packed.last(packed.run(rm))
     assert (ours - theirs).abs().max() < 1e-4
+    assert (from_packed - theirs).abs().max() < 1e-4
     assert torch.equal(ours, again)
 
 
 # -------------------------------------------------------------------------------------------------- DPO
-def test_length_grouped_forward_equals_one_padded_forward(base_dir, tok):
-    """Rewards and DPO's summed log-probs, computed in groups of similar length (posttrain.by_length), are
-    the values of one padded forward, each in its own row's place, gradients included."""
+@pytest.mark.parametrize("window", [None, 12])
+def test_packed_sequences_compute_each_sequence_alone(tok, window):
+    """pack_sequences stores a ranking's (a DPO pair's) shared prompt once and several groups in one row; the
+    rewards, gradients and DPO log-probs read from the packed rows are those of each sequence run alone
+    (fp32, unpadded); with a sliding window (Mistral) too, applied to each sequence's own positions."""
     from lmlab.data.prefs import encode_ranking
-    from lmlab.train.dpo import sequence_logprobs
+    from lmlab.train.dpo import collate, sequence_logprobs
+    from lmlab.train.posttrain import pack_sequences
     from lmlab.train.reward import collate_rankings, pair_rewards
 
     rankings = [encode_ranking(tok, r) for r in load_rankings("world", 3, 20)[:6]]
-    ids, mask, better, worse, margins = collate_rankings(tok.pad_token_id)(rankings)
-    assert len(set(mask.sum(1).tolist())) > 4  # rows of many lengths
+    seqs = [ids for r in rankings for ids, _ in r["responses"]]
     torch.manual_seed(0)
-    rm = ScalarHead(lmlab.load_model(base_dir))
-    r_c, r_r = pair_rewards(rm, (ids, mask, better, worse, margins))
-    whole = rm.reward(ids, mask)
-    torch.testing.assert_close(torch.stack([r_c, r_r]), torch.stack([whole[better], whole[worse]]), rtol=0, atol=1e-5)
-    (g_grouped,) = torch.autograd.grad((r_c - r_r).sum(), rm.score.weight)
-    (g_whole,) = torch.autograd.grad((whole[better] - whole[worse]).sum(), rm.score.weight)
-    torch.testing.assert_close(g_grouped, g_whole, rtol=1e-4, atol=1e-5)
+    cfg = lmlab.preset("tiny", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, sliding_window=window, **({"model_type": "mistral"} if window else {}))
+    rm = ScalarHead(lmlab.build(cfg))
+    packed, better, worse, margins = collate_rankings(tok.pad_token_id, row_len=128)(rankings)
+    assert packed.ids.shape[0] < len(seqs)
+    assert max(map(len, seqs)) > 12  # sequences longer than the window
+    r_c, r_r = pair_rewards(rm, (packed, better, worse, margins))
+    alone = torch.cat([rm.reward(torch.tensor([s])) for s in seqs])
+    torch.testing.assert_close(torch.stack([r_c, r_r]), torch.stack([alone[better], alone[worse]]), rtol=0, atol=1e-5)
+    (g_packed,) = torch.autograd.grad((r_c - r_r).sum(), rm.backbone.layers[0].attn.q_proj.weight)
+    (g_alone,) = torch.autograd.grad((alone[better] - alone[worse]).sum(), rm.backbone.layers[0].attn.q_proj.weight)
+    torch.testing.assert_close(g_packed, g_alone, rtol=1e-4, atol=1e-5)
+    # several groups share a row, and a ranking's prompt is stored once: fewer real tokens than the sequences hold
+    stored = int((packed.ids != tok.pad_token_id).sum())
+    assert stored < sum(map(len, seqs)) and (packed.lengths == torch.tensor(list(map(len, seqs)))).all()
 
-    lm = lmlab.load_model(base_dir)
-    resp = mask.clone()[:, 1:].float()
-    resp[:, :10] = 0  # the "response" starts at token 11 of each row and ends with the row
+    lm = lmlab.build(cfg)
+    items = [encode_pair(tok, p) for p in to_pairs(load_rankings("world", 3, 20)[:4])]
+    packed, resp = collate(tok.pad_token_id, row_len=64)(items)
     with torch.no_grad():
-        torch.testing.assert_close(sequence_logprobs(lm, ids, resp), (token_logprobs(lm, ids) * resp).sum(-1),
-                                   rtol=0, atol=1e-4)
+        lp = sequence_logprobs(lm, packed, resp)
+        rows = [it[k] for it in items for k in ("chosen", "rejected")]
+        want = torch.stack([(token_logprobs(lm, torch.tensor([ids]))[0] * torch.tensor(m[1:]).float()).sum()
+                            for ids, m in rows])
+        torch.testing.assert_close(lp, want, rtol=1e-6, atol=1e-4)  # sums of ~900 nats (a random model)
+        # a 4-D mask needs the positions of each token in its sequence
+        with pytest.raises(ValueError, match="position_ids"):
+            lm(packed.ids, packed.mask)
+    assert pack_sequences([[[5, 6, 7], [5, 6, 8, 9]]], 4, 0).ids.tolist() == [[5, 6, 7, 8, 9]]
 
 
 def test_dpo_and_ipo_losses_by_hand():

@@ -78,6 +78,8 @@ class Decoder(ModelBase):
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """Final normalised hidden states (B, T, H). Arguments as in `forward`."""
         B, T = input_ids.shape
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return self._packed(input_ids, attention_mask, position_ids, cache)
         offset = cache.length if cache is not None else 0
         key_mask = None
         if attention_mask is not None:
@@ -96,9 +98,7 @@ class Decoder(ModelBase):
                 position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
         if cache is not None and offset + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {offset + T} needed")
-        if self.pos_embed is not None and int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(position_ids.max())} is beyond max_position_embeddings "
-                             f"({self.config.max_position_embeddings}) of this learned-position model")
+        self._check_positions(position_ids)
         x, rope = self.embed_tokens(input_ids, position_ids)
         if cache is None:
             masks = {w: build_mask(torch.arange(T, device=x.device), T, key_mask, w) for w in self.windows}
@@ -109,6 +109,25 @@ class Decoder(ModelBase):
         x = self.run_layers(x, rope, masks, cache)
         cache.length += T
         return x
+
+    def _packed(self, input_ids, mask, position_ids, cache):
+        """Packed sequences (posttrain.pack_sequences): mask (B, 1, T, T) bool, True = may attend, with the
+        position_ids of each token in its own sequence; sliding windows apply to those positions."""
+        if position_ids is None or cache is not None or mask.dtype != torch.bool:
+            raise ValueError("a 4-D attention_mask (packed sequences) must be bool and comes with position_ids, "
+                             "without a KV cache")
+        self._check_positions(position_ids)
+        x, rope = self.embed_tokens(input_ids, position_ids)
+        masks = {}
+        for w in self.windows:  # Mistral: key j is visible when pos(q) - window < pos(j)
+            near = position_ids[:, None, :, None] - position_ids[:, None, None, :] < w if w is not None else True
+            masks[w] = mask & near
+        return self.run_layers(x, rope, masks, None)
+
+    def _check_positions(self, position_ids):
+        if self.pos_embed is not None and int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(position_ids.max())} is beyond max_position_embeddings "
+                             f"({self.config.max_position_embeddings}) of this learned-position model")
 
     def embed_tokens(self, input_ids, position_ids):
         """input_ids, position_ids (B, T) -> token (+ learned position) embeddings (B, T, H), RoPE cos/sin or None."""
@@ -139,7 +158,8 @@ class Decoder(ModelBase):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """input_ids (B, T) -> logits (B, T, vocab).
 
-        attention_mask (B, S): 1 for real tokens, 0 for (left) padding, covering cached and new tokens.
+        attention_mask (B, S): 1 for real tokens, 0 for (left) padding, covering cached and new tokens; or a
+            bool (B, 1, T, T) mask of packed sequences (True = may attend) with their position_ids.
         position_ids (B, T): default counts real tokens (so a left-padded row matches its unpadded self).
         cache: a KVCache; the new keys/values are appended to it and its length advances by T.
         """

