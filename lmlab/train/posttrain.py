@@ -115,9 +115,10 @@ def pack_sequences(groups: Sequence[Sequence[Sequence[int]]], row_len: int, pad_
     rows, free = [], []  # rows: [tree indices]; free: tokens left in each row
     for i in sorted(range(len(trees)), key=lambda i: -sizes[i]):
         r = next((r for r in range(len(rows)) if free[r] >= sizes[i]), None)
-        if r is None:
-            rows.append([]), free.append(row_len)
-            r = len(rows) - 1
+        if r is None:  # a new row
+            r = len(rows)
+            rows.append([])
+            free.append(row_len)
         rows[r].append(i)
         free[r] -= sizes[i]
     T = row_len - min(free)
