@@ -3,6 +3,10 @@ the reward model (Bradley-Terry, transformers parity of the saved classifier), D
 hand-computed values, and each stage end to end on a tiny model (LoRA and full, exact resume)."""
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,3 +345,28 @@ def test_lora_on_layers_peft_cannot_hold_fails_at_the_start(tmp_path, tok):
         load_trainable(tmp_path, RunConfig.from_dict({"lora": {"r": 4}}))
     model, _ = load_trainable(tmp_path, RunConfig.from_dict({"lora": {"r": 0}}))  # full fine-tuning works
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_two_processes_match_one(stage, base_dir, tmp_path):
+    """`lmlab reward` and `lmlab dpo` under torchrun (2 gloo processes, DDP) give the single-process loss curve:
+    the packed forward goes through the wrapped model's forward. Plain pairs, so each rank's half of a batch holds
+    as many pairs as the other and the mean of the two ranks' means is the batch's mean."""
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for p in to_pairs(load_rankings("world", 3, 20))[:48]:
+            f.write(json.dumps({"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}) + "\n")
+    args = [stage, "--model", str(base_dir), "--data", str(pairs), "--set", "train.max_steps=4", "train.batch_size=8",
+            "train.eval_every=0", "train.lr=1e-3", "train.warmup_steps=0", "data.val_fraction=0.1"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "lmlab", *args,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    curves = [[(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r] for d in ("one", "two")]
+    assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == [1, 2, 3, 4]
+    assert curves[0][0][1] != curves[0][-1][1]  # it trained
+    for (s, a), (_, b) in zip(*curves):
+        assert abs(a - b) <= 1e-5, (s, a, b)
