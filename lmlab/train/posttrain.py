@@ -68,13 +68,13 @@ def token_logprobs(model, ids: torch.Tensor, attention_mask: torch.Tensor | None
 @dataclass
 class Packed:
     """Sequences packed into few rows (pack_sequences). Tokens sit in rows (B, T); `index` (N, L) holds the flat
-    place (b * T + t) of each sequence's tokens in order, right-padded with its last token's place."""
+    place (b * T + t) of each sequence's tokens in order, right-padded with its last token's place (so
+    index[:, -1] is every sequence's last token)."""
     ids: torch.Tensor  # (B, T)
     position_ids: torch.Tensor  # (B, T): each token's position in its own sequence
     mask: torch.Tensor  # (B, 1, T, T) bool, True = may attend: its own sequence's earlier tokens
     index: torch.Tensor  # (N, L)
     lengths: torch.Tensor  # (N,)
-    tokens: torch.Tensor  # (N, L) each sequence's ids, right-padded
 
     def to(self, device) -> "Packed":
         return Packed(*(getattr(self, f.name).to(device) for f in fields(self)))
@@ -85,16 +85,16 @@ class Packed:
 
     def last(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, ...) -> (N, ...): each sequence's value at its last token."""
-        return x.flatten(0, 1)[self.index.gather(1, self.lengths[:, None] - 1).squeeze(1)]
+        return x.flatten(0, 1)[self.index[:, -1]]
 
     def token_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, T, V) -> (N, L - 1) float32, as `token_logprobs` of each sequence alone (0 past its end):
         at a shared prefix's last token the row predicts each branch's own next token."""
         flat = logits.flatten(0, 1)  # (B*T, V)
-        rows = self.index[:, :-1]  # (N, L - 1): the row that predicts tokens[:, 1:]
+        rows, targets = self.index[:, :-1], self.ids.flatten()[self.index[:, 1:]]  # (N, L - 1): row t predicts t + 1
         lse = flat.float().logsumexp(-1)  # (B*T,)
-        logp = flat[rows, self.tokens[:, 1:]].float() - lse[rows]
-        return logp * (torch.arange(1, self.tokens.shape[1], device=logp.device) < self.lengths[:, None])
+        logp = flat[rows, targets].float() - lse[rows]
+        return logp * (torch.arange(1, self.index.shape[1], device=logp.device) < self.lengths[:, None])
 
 
 def pack_sequences(groups: Sequence[Sequence[Sequence[int]]], row_len: int, pad_id: int) -> Packed:
@@ -147,12 +147,9 @@ def pack_sequences(groups: Sequence[Sequence[Sequence[int]]], row_len: int, pad_
     mask = ((tree[:, :, None] == tree[:, None, :]) & (tree[:, :, None] >= 0) & (ar[:, None] >= ar[None, :])
             & ((branch[:, None, :] == -1) | (branch[:, :, None] == branch[:, None, :])))
     mask |= torch.eye(T, dtype=torch.bool)  # a padding token sees itself (SDPA gives NaN for a row of no keys)
-    seqs = [s for g in groups for s in g]
-    lengths = torch.tensor([len(s) for s in seqs])
-    index = pad_right(places, 0)
-    index = torch.where(torch.arange(index.shape[1]) < lengths[:, None], index,
-                        index.gather(1, (lengths - 1)[:, None]))
-    return Packed(ids, pos, mask[:, None], index, lengths, pad_right(seqs, pad_id))
+    L = max(map(len, places))
+    index = torch.tensor([p + p[-1:] * (L - len(p)) for p in places])  # right-padded with the last place
+    return Packed(ids, pos, mask[:, None], index, torch.tensor([len(p) for p in places]))
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> torch.Tensor:

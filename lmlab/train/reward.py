@@ -42,14 +42,14 @@ def collate_rankings(pad_id: int, row_len: int = 256):
     """[encoded ranking] -> (Packed: every response of every ranking once, a ranking's prompt stored once
     (posttrain.pack_sequences), better (P,), worse (P,): indices of each pair's responses, margins (P,))."""
     def collate(items):
-        groups, better, worse, margins = [], [], [], []
+        groups, better, worse, margins, first = [], [], [], [], 0
         for it in items:
-            first = sum(map(len, groups))
             groups.append([ids for ids, _ in it["responses"]])
             for i, j, m in it["pairs"]:
                 better.append(first + i)
                 worse.append(first + j)
                 margins.append(float(m))
+            first += len(groups[-1])
         return pack_sequences(groups, row_len, pad_id), torch.tensor(better), torch.tensor(worse), torch.tensor(margins)
     return collate
 
