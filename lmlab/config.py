@@ -377,10 +377,14 @@ class PPOConfig:
     rollout_batch: int = 32
     epochs: int = 2
     max_new_tokens: int = 48
-    temperature: float = 1.0
+    # sampling temperature of the rollouts (log-probs use logits / temperature); at 1.0 the speedrun's 4.5M policy
+    # samples its refusals garbled (docs/speedrun.md)
+    temperature: float = 0.7
     top_k: int = 0
     kl_coef: float = 0.1  # per-token penalty beta * (log pi - log pi_ref) in the reward (0.05: unstable, docs)
     adaptive_kl: bool = False  # Ziegler et al.: move kl_coef so the rollout KL tracks target_kl
+    # + kl_loss_coef * the exact KL(pi || ref) over the vocabulary at each response position, in the loss (0: off)
+    kl_loss_coef: float = 1.0
     target_kl: float = 4.0
     kl_horizon: int = 10000
     gamma: float = 1.0
@@ -439,6 +443,7 @@ class RunConfig:
                   (self.dpo.beta > 0, "dpo.beta must be > 0"),
                   (self.ppo.value_init in ("reward", "policy"), "ppo.value_init must be reward|policy"),
                   (self.ppo.epochs >= 1 and self.ppo.rollout_batch >= 1, "ppo.epochs and ppo.rollout_batch must be >= 1"),
+                  (self.ppo.kl_coef >= 0 and self.ppo.kl_loss_coef >= 0, "ppo.kl_coef and ppo.kl_loss_coef must be >= 0"),
                   (self.ppo.ptx_coef == 0 or self.ppo.ptx_data and self.ppo.ptx_batch >= 1,
                    "ppo.ptx_coef > 0 needs ppo.ptx_data (a shard folder, e.g. runs/pretrain/data) and ppo.ptx_batch >= 1")]
         for ok, msg in checks:

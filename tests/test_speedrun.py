@@ -137,24 +137,28 @@ def test_dpo_raises_gold_reward_with_bounded_kl(run):
 
 
 def test_ppo_with_the_learned_reward_model_raises_gold_reward(run):
-    """Measured: with the learned reward model (no oracle) PPO raises the gold reward -0.735 (SFT) -> -0.404, KL 9.8
-    (kl_coef 0.1; 0.05 gave -0.342, KL 13), by answering with text that states nothing (-0.25 and a style penalty
-    beat -1 for a wrong fact): this reward model pays for caution and cannot check facts (see above), so PPO finds
-    replies far from SFT's that it scores high. The KL bound catches a divergence, not this."""
+    """Measured: with the learned reward model (no oracle) PPO raises the gold reward -0.735 (SFT) -> -0.674, KL 0.70,
+    through the people it was asked about (seen: gold -0.231 -> -0.144, QA 0.325 -> 0.35; held-out -0.942 -> -0.848).
+    Before the exact KL term (ppo.kl_loss_coef) it reached -0.404 at KL 9.8 by answering with text that states
+    nothing (-0.25 and a style penalty beat -1 for a wrong fact), which this reward model, paying for caution and
+    unable to check facts (above), scores high."""
     sft, ppo = run["stages"]["sft"], run["stages"]["ppo"]
-    assert ppo["gold_reward"] > sft["gold_reward"] + 0.1, (sft, ppo)
-    assert ppo["kl"] < 20
+    assert ppo["gold_reward"] > sft["gold_reward"] + 0.03, (sft, ppo)
+    assert ppo["gold_reward_seen"] > sft["gold_reward_seen"], (sft, ppo)
+    assert 0 < ppo["kl"] < 5
 
 
 def test_ppo_with_the_gold_reward_raises_it_with_bounded_kl(run, tmp_path):
-    """PPO itself works: with the world's gold reward as the reward (an oracle), the evaluation's gold reward
-    goes -0.735 (SFT) -> -0.392, KL 4.3 with kl_coef 0.1 (mostly by answering evasively instead of wrongly: -0.25
-    beats -1)."""
+    """PPO itself works: with the world's gold reward as the reward (an oracle) and no exact KL term, the
+    evaluation's gold reward goes -0.735 (SFT) -> -0.414, KL 4.5 with kl_coef 0.1 (mostly by answering evasively
+    instead of wrongly: -0.25 beats -1). The term holds the policy near SFT, which on this weak SFT model also holds
+    the oracle back (ppo.kl_loss_coef 1.0, the default: -0.676 at KL 0.54; 0.3: -0.769)."""
     from lmlab.config import RunConfig, apply_overrides
     from lmlab.train import ppo
 
     d = {section: dict(values) for section, values in ppo.DEFAULTS.items()}
-    rc = RunConfig.from_dict(apply_overrides(d, ["data.world_eval_limit=40", "ppo.reward_model=world-gold"]))
+    rc = RunConfig.from_dict(apply_overrides(d, ["data.world_eval_limit=40", "ppo.reward_model=world-gold",
+                                                   "ppo.kl_loss_coef=0"]))
     rep = ppo.run(rc, run["out"] / "sft" / "final", tmp_path / "ppo", show_progress=False)["report"]
     assert rep["gold_reward"] > run["stages"]["sft"]["gold_reward"] + 0.1, (run["stages"]["sft"], rep)
     assert rep["rollout_gold_reward_last"] > rep["rollout_gold_reward_first"]

@@ -9,6 +9,9 @@ The algorithm is PPO as Ziegler et al. (2019), InstructGPT and TRL's PPOTrainer 
 - per-token rewards r_t = -kl_coef * (log pi(y_t) - log ref(y_t)), plus the score at the last token: the
   KL penalty to the frozen reference model sits in the reward; kl_coef is fixed or adaptive (Ziegler et al.:
   proportional control towards `ppo.target_kl`, the summed per-response KL);
+- and, with `ppo.kl_loss_coef` > 0, the exact KL(pi || ref) over the whole vocabulary at each response position
+  in the loss (verl's kl_loss): the sampled penalty above only sees the tokens a rollout drew, this one holds the
+  probability of the tokens it did not draw too (docs/speedrun.md: a reply's first "I" for an unknown name);
 - a separate value model (a ScalarHead: initialised from the reward model as TRL does, or from the policy),
   GAE(gamma, lam) advantages, whitened over the rollout; returns = advantages + values;
 - `ppo.epochs` shuffled passes over the rollout in minibatches of `train.batch_size`, each an optimizer step
@@ -94,6 +97,13 @@ class AdaptiveKLController:
         error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
         self.value *= 1 + error * n_steps / self.horizon
         return self.value
+
+
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi || ref) = sum_v pi(v) (log pi(v) - log ref(v)) at each position, masked mean over positions.
+    logits, ref_logits (B, R, V) (already / temperature); mask (B, R)."""
+    logp, ref_logp = F.log_softmax(logits.float(), dim=-1), F.log_softmax(ref_logits.float(), dim=-1)
+    return masked_mean((logp.exp() * (logp - ref_logp)).sum(-1), mask)
 
 
 def ppo_loss(logits, tokens, old_logp, advantages, values, old_values, returns, mask, clip: float = 0.2,
@@ -302,17 +312,21 @@ class RolloutLoader:
             self.ptx.load_state_dict(state["ptx"])
 
 
-def make_loss(cfg: PPOConfig):
+def make_loss(cfg: PPOConfig, ref):
     def loss_fn(step_model, batch):
         dev = next(step_model.parameters()).device
         ids, pos, mask = batch["ids"].to(dev), batch["pos"].to(dev), batch["mask"].to(dev)
         ptx = batch.get("ptx")
         out = step_model(ids, ptx_ids=ptx[0].to(dev) if ptx is not None else None)  # (B, T, V), (B, T)[, ptx logits]
-        logits, values = out[:2]
-        loss, stats = ppo_loss(at_positions(logits, pos).float() / cfg.temperature, at_positions(ids, pos + 1),
-                               batch["logp"].to(dev), batch["adv"].to(dev), at_positions(values.float(), pos),
-                               batch["values"].to(dev), batch["ret"].to(dev), mask, cfg.clip, cfg.clip_value,
-                               cfg.vf_coef)
+        logits = at_positions(out[0], pos).float() / cfg.temperature  # (B, R, V)
+        loss, stats = ppo_loss(logits, at_positions(ids, pos + 1), batch["logp"].to(dev), batch["adv"].to(dev),
+                               at_positions(out[1].float(), pos), batch["values"].to(dev), batch["ret"].to(dev),
+                               mask, cfg.clip, cfg.clip_value, cfg.vf_coef)
+        if cfg.kl_loss_coef > 0:  # the reference's logits at the same positions (no gradient: ref is frozen)
+            with torch.no_grad():
+                ref_logits = at_positions(ref(ids), pos).float() / cfg.temperature
+            kl = exact_kl(logits, ref_logits, mask)
+            loss, stats["kl_loss"] = loss + cfg.kl_loss_coef * kl, float(kl.detach())
         if ptx is not None:  # PPO-ptx: the pre-training LM loss on its own rows
             lm = F.cross_entropy(out[2].float().flatten(0, 1), ptx[1].to(dev).flatten())
             loss, stats["ptx_loss"] = loss + cfg.ptx_coef * lm, float(lm.detach())
@@ -321,12 +335,21 @@ def make_loss(cfg: PPOConfig):
 
 
 # ----------------------------------------------------------------------------------------------------- run
+# The world's preference prompts name someone not in the world a quarter of the time; PPO takes those WORLD_UNKNOWN
+# times, so that they are about half of its prompts. With a quarter, the updates on the seen people's prompts (whose
+# rewarded replies start with the name) teach the policy to answer every name (docs/speedrun.md).
+WORLD_UNKNOWN = 3
+
+
 def load_prompts(rc: RunConfig) -> list:
-    """The prompts of data.source: the world's preference prompts (SFT people and SFT unknown names only), or
-    the "prompt" field (a string or a messages list ending with a user turn) of .jsonl records."""
+    """The prompts of data.source: the world's preference prompts (SFT people and unknown names, never the
+    evaluation's; those about unknown names WORLD_UNKNOWN times each), or the "prompt" field (a string or a
+    messages list ending with a user turn) of .jsonl records."""
     if rc.data.source == "world":
         from lmlab.data.world import make_world
-        return [r["prompt"] for r in make_world(seed=rc.data.world_seed, n_people=rc.data.world_people).preferences()]
+        world = make_world(seed=rc.data.world_seed, n_people=rc.data.world_people)
+        prompts = [r["prompt"] for r in world.preferences()]
+        return [p for p in prompts for _ in range(WORLD_UNKNOWN if world.parse_prompt(p)[2] is None else 1)]
     from lmlab.data.text import DataError, iter_records
     out = []
     for where, rec in iter_records(rc.data.source):
@@ -448,7 +471,7 @@ def run(rc: RunConfig, model_dir, out_dir, ref_dir=None, resume: bool = False, s
         load_policy(m.policy, d)
         m.value.load_state_dict(lmlab.load_model(Path(d) / "value", device=dev).state_dict())
 
-    summary = train(model, make_loss(p), loader, t, out, save_model=save_model, load_model=load_model, tokenizer=tok,
+    summary = train(model, make_loss(p, ref), loader, t, out, save_model=save_model, load_model=load_model, tokenizer=tok,
                     resume=resume, stop_at=stop_at, desc="ppo")
     if summary["stopped"] != "completed":
         return summary
