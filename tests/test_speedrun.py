@@ -138,7 +138,7 @@ def test_dpo_raises_gold_reward_with_bounded_kl(run):
 
 def test_ppo_with_the_learned_reward_model_raises_gold_reward(run):
     """Measured: with the learned reward model (no oracle) PPO raises the gold reward -0.735 (SFT) -> -0.674, KL 0.70,
-    through the people it was asked about (seen: gold -0.231 -> -0.144, QA 0.325 -> 0.35; held-out -0.942 -> -0.848).
+    mostly on the people it was asked about (seen: gold -0.231 -> -0.144, QA 0.325 -> 0.35; held-out -0.942 -> -0.848).
     Before the exact KL term (ppo.kl_loss_coef) it reached -0.404 at KL 9.8 by answering with text that states
     nothing (-0.25 and a style penalty beat -1 for a wrong fact), which this reward model, paying for caution and
     unable to check facts (above), scores high."""
