@@ -33,6 +33,7 @@ bench: setup
 	for p in tiny small llama-50m; do for d in float32 bfloat16; do \
 		$(BIN)/python bench/train_step.py --preset $$p --dtype $$d --batch 8 --seq 256 --compile || exit 1; done; done
 	$(BIN)/python bench/memory.py --preset small
+	$(BIN)/python bench/memory.py --preset small --dtype bfloat16
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/decode.py --batch 16
 	$(BIN)/python bench/moe.py

@@ -37,9 +37,22 @@ def machine_info() -> dict:
     except OSError:
         pass
     import transformers
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+
+    from lmlab.train.dist import fast_bf16
+    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "native_bf16": fast_bf16("cpu"),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def skip_without_native_bf16(what: str) -> None:
+    """Exit 0 with a note where this CPU has no native bf16 matmul: there PyTorch's bf16 products are scalar code
+    (~1 GFLOP/s), so a bf16 case would time that fallback, not lmlab; the tables stay as measured elsewhere."""
+    from lmlab.train.dist import fast_bf16
+    if not fast_bf16("cpu"):
+        print(f"{what}: skipped, this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matrix "
+              "instructions (AVX-512 or AMX); docs/benchmarks.md keeps the tables measured on one that has")
+        raise SystemExit(0)
 
 
 def best_time(fn, reps: int) -> float:
@@ -123,7 +136,8 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 
 def machine_line(info: dict) -> str:
-    return (f"Machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
+    isa = f" ({info['isa']}, {'native' if info['native_bf16'] else 'no native'} bf16)" if "isa" in info else ""
+    return (f"Machine: {info['cpu']}{isa}, {info['threads']} threads, torch {info['torch']}, "
             f"transformers {info['transformers']}, {info['date']}.")
 
 

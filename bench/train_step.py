@@ -47,6 +47,7 @@ class Trainer:
 
     def __init__(self, model, is_hf, autocast_dtype, compile: bool = False):
         self.model, self.logits = model, logits_fn(model, is_hf)
+        self.device = next(model.parameters()).device
         self.opt, self.opt_kind = make_optimizer(model)
         self.autocast_dtype = autocast_dtype
         self.loss = torch.compile(self._loss) if compile else self._loss  # as train.compile: model and loss
@@ -57,7 +58,7 @@ class Trainer:
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self, inputs, targets) -> tuple[float, float]:
         """-> (seconds, loss)"""
@@ -68,13 +69,16 @@ class Trainer:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0, loss.item()
+        value = loss.item()  # on a GPU: waits for the step's kernels
+        return time.perf_counter() - t0, value
 
     def prefill(self, ids) -> float:
         self.model.eval()
         with torch.inference_mode(), self.autocast():
             t0 = time.perf_counter()
             self.logits(ids)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
             return time.perf_counter() - t0
 
 
@@ -104,6 +108,8 @@ def main():
 
     common.setup(args.threads)
     ac = torch.bfloat16 if args.dtype == "bfloat16" else None
+    if ac is not None:
+        common.skip_without_native_bf16(f"train_step --preset {args.preset} --dtype bfloat16")
     info = common.machine_info()
     peak = {"float32": common.matmul_peak_gflops(torch.float32)}
     if ac is not None:

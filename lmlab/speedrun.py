@@ -35,6 +35,7 @@ from pathlib import Path
 
 from lmlab.config import ConfigError, RunConfig, apply_overrides, preset
 from lmlab.errors import LmlabError
+from lmlab.train.dist import fast_bf16
 
 
 class Interrupted(LmlabError):
@@ -112,8 +113,11 @@ class Speedrun:
         d.setdefault("train", {})["seed"] = self.seed
         d.setdefault("data", {}).update(source=source, world_seed=self.seed,
                                         world_eval_limit=PRESETS[self.preset]["eval_limit"])
+        ours = PRESETS[self.preset].get(stage, [])
+        if not fast_bf16():  # bf16 emulated in scalar code (no AVX-512 / AMX): the preset's bf16 stages in fp32
+            ours = [o.replace("train.dtype=bfloat16", "train.dtype=float32") for o in ours]
         mine = [o.split(".", 1)[1] for o in self.overrides if o.startswith(stage + ".")]
-        return RunConfig.from_dict(apply_overrides(d, [*PRESETS[self.preset].get(stage, []), *extra, *mine]))
+        return RunConfig.from_dict(apply_overrides(d, [*ours, *extra, *mine]))
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
@@ -354,6 +358,9 @@ def speedrun(out="runs/speedrun", preset_name: str = "cpu", data: str = "world",
     if not run.report:
         run.report = {"preset": preset_name, "data": data, "families": families, "seed": seed, "stages": {}}
     run.report["hardware"] = hardware()
+    if not run.report["hardware"]["native_bf16"]:
+        print("[speedrun] this CPU has no native bf16 matrix instructions (AVX-512 or AMX): the preset's bf16 "
+              "stages train in float32 (bf16 would be ~50x slower here)")
     todo = STAGES + (ENCODER_STAGES if families == "all" else ())
     fns = {name: globals()[f"stage_{name}"] for name in todo}
     for name in todo:

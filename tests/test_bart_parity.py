@@ -20,6 +20,9 @@ from lmlab.interop.hf import config_from_hf, read_config
 
 transformers.utils.logging.disable_progress_bar()
 TOL = 1e-4
+# a padded batch and a lone row multiply matrices of different shapes, whose sums the BLAS orders differently:
+# on an AVX2 CPU their logits differ by up to ~1.1e-4 (a padding bug moves them by > 0.01: the shifted check below)
+PAD_TOL = 3e-4
 V, BOS, PAD, EOS = 64, 0, 1, 2
 _BASE = dict(vocab_size=V, d_model=32, encoder_ffn_dim=48, decoder_ffn_dim=48, encoder_attention_heads=4,
              decoder_attention_heads=4, max_position_embeddings=40, dropout=0.0)
@@ -106,11 +109,11 @@ def test_right_padding_does_not_change_rows(bart_dir):
         got = ours(ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
         row0 = ours(ids[0:1, :21], decoder_input_ids=dec[0:1, :15])
         row1 = ours(ids[1:2, :12], decoder_input_ids=dec[1:2])
-    assert (got[0, :15] - row0[0]).abs().max() <= TOL
+    assert (got[0, :15] - row0[0]).abs().max() <= PAD_TOL
     assert (got[1, 5:] - row1[0, 5:]).abs().max() > 0.01  # (row 1's decoder is left-padded: positions shift)
     with torch.no_grad():
         row1 = ours(ids[1:2, :12], decoder_input_ids=dec[1:2], decoder_attention_mask=dec_mask[1:2])
-    assert (got[1, 5:] - row1[0, 5:]).abs().max() <= TOL
+    assert (got[1, 5:] - row1[0, 5:]).abs().max() <= PAD_TOL
 
 
 def test_labels_are_shifted_like_hf(bart_dir):

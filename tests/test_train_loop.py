@@ -180,9 +180,15 @@ def test_grad_accumulation_matches_one_big_batch(corpus, uninterrupted, tmp_path
         assert abs(a - b) <= 1e-5, (s, a, b)
 
 
-def test_time_budget_and_bf16(corpus, tmp_path):
+def test_time_budget_and_bf16(corpus, tmp_path, monkeypatch, capsys):
+    """bf16 autocast trains, stops at a time budget and resumes; on a device without native bf16 matmul (faked
+    here) the loop says that float32 is faster."""
+    from lmlab.train import dist
+
+    monkeypatch.setattr(dist, "fast_bf16", lambda *a: False)
     summary = pretrain.run(config(corpus, "train.max_minutes=0.00001", "train.dtype=bfloat16"), tmp_path,
                            show_progress=False)
+    assert "no native bf16 matrix instructions" in capsys.readouterr().out
     assert summary["stopped"] == "time budget" and summary["step"] == 1
     assert loop.latest_checkpoint(tmp_path).name == "step_000001"
     summary = pretrain.run(config(corpus, "train.dtype=bfloat16"), tmp_path, resume=True, show_progress=False)

@@ -23,8 +23,10 @@ def hardware() -> dict:
         cpu = names[0] if names else cpu
     except OSError:
         pass
+    from lmlab.train.dist import fast_bf16
+
     out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-           "python": platform.python_version()}
+           "python": platform.python_version(), "native_bf16": fast_bf16()}
     if torch.cuda.is_available():
         out["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return out
@@ -83,7 +85,8 @@ def write_report_card(run) -> Path:
     md = ["# lmlab speedrun: report card\n",
           f"Preset `{rep['preset']}`, data `{rep['data']}`, seed {rep['seed']}. "
           f"Total {total / 60:.1f} min on {hw['cpu']} ({hw['cores']} cores, torch {hw['torch']}"
-          f"{', ' + hw['gpu'] if 'gpu' in hw else ''}).\n"]
+          f"{', ' + hw['gpu'] if 'gpu' in hw else ''}"
+          f"{'' if hw.get('native_bf16', True) else '; no native bf16: the bf16 stages trained in float32'}).\n"]
     from lmlab.speedrun import one_line
     md += ["## Stages\n", _table(["stage", "wall time", "result"],
                                  [[k, f"{v.get('seconds', 0):.0f} s", one_line(k, v)] for k, v in s.items()])]

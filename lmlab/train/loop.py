@@ -213,6 +213,10 @@ def train(model, loss_fn: Callable, loader, cfg: TrainConfig, out_dir, *, eval_f
     if cfg.compile:  # the model and its loss as one graph: the logits' cast and the cross-entropy fuse in too
         loss_fn = torch.compile(loss_fn)
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+    if cfg.dtype == "bfloat16" and not dist.fast_bf16(model.device):
+        print(f"[{desc}] warning: train.dtype=bfloat16, but this {model.device.type} has no native bf16 matrix "
+              "instructions (AVX-512 or AMX): bf16 runs many times slower than float32 here; "
+              "train.dtype=float32 is faster")
     tokens_per_step = cfg.batch_size * cfg.seq_len
     peak = dist.peak_flops(cfg.dtype)
     start_time, start_step = time.time() - state["seconds"], state["step"]
