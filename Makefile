@@ -39,6 +39,8 @@ bench: setup
 	$(BIN)/python bench/moe.py
 	$(BIN)/python bench/tokenizer.py
 	$(BIN)/python bench/serve.py
+	# the CUDA path (bench/gpu.py), on a machine with a GPU only
+	if $(BIN)/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then $(BIN)/python bench/gpu.py; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info
