@@ -83,10 +83,20 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
-def matmul_peak_gflops(dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
-    """Best-of-reps GFLOP/s of an n x n x n matmul (2 n^3 flops)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / best_time(lambda: a @ b, reps) / 1e9
+def sync(device) -> None:
+    """Wait for the device's queued kernels (a GPU's run asynchronously), so that a clock read after it is fair."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(dtype=torch.float32, n: int = 2048, reps: int = 5, device="cpu") -> float:
+    """Best-of-reps GFLOP/s of an n x n x n matmul (2 n^3 flops) on `device`."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+
+    def mm():
+        a @ b
+        sync(device)
+    return 2 * n**3 / best_time(mm, reps) / 1e9
 
 
 def copy_bandwidth_gbs(mbytes: int = 256, reps: int = 5) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,25 +34,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from train_step import Trainer, interleaved  # noqa: E402
 
 import lmlab  # noqa: E402
-
-
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_peak_tflops(device: torch.device, n: int, dtype: torch.dtype, reps: int = 5) -> float:
-    """Best-of-reps TFLOP/s of an n x n x n matmul on `device`."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for i in range(reps + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        if i:  # the first call warms up
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
 
 
 def has_flash_kernel(trainer: Trainer, inputs, targets) -> bool:
@@ -71,14 +51,14 @@ def decode_check(model, hf, batch: int, new_tokens: int, device) -> dict:
 
     def run_lmlab():
         out = lmlab.generate(model, prompts, max_new_tokens=new_tokens, stop_token_ids=[])
-        sync(device)
+        common.sync(device)
         return out
 
     def run_hf():
         with torch.inference_mode():
             out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
-        sync(device)
+        common.sync(device)
         return out[:, ids.shape[1]:].tolist()
 
     secs, outs = common.best_interleaved({"lmlab": run_lmlab, "transformers": run_hf}, 3)
@@ -111,7 +91,7 @@ def run(argv=None) -> dict:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity and decode compare true fp32
     dtype = getattr(torch, args.dtype)
-    peak = matmul_peak_tflops(device, 8192, dtype) if cuda else common.matmul_peak_gflops(dtype) / 1e3
+    peak = common.matmul_peak_gflops(dtype, 8192 if cuda else 2048, device=device) / 1e3  # TFLOP/s
     failures = []
 
     model, hf = common.model_pair(args.preset)

@@ -77,8 +77,7 @@ class Trainer:
         with torch.inference_mode(), self.autocast():
             t0 = time.perf_counter()
             self.logits(ids)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
+            common.sync(self.device)
             return time.perf_counter() - t0
 
 
